@@ -1,0 +1,1 @@
+"""Shipped YAML recipes (package data): `diffalign train sdxl_dpo` finds them by name."""

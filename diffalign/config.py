@@ -1,0 +1,379 @@
+"""The typed configuration: one pydantic schema, loaded from YAML, with dotted command-line overrides.
+
+Precedence is schema default < YAML < dotted override (``optim.lr=2e-5``). Every field's ``description``
+is its documentation. Unknown keys are refused with their dotted path and the closest valid key; wrong
+types name the field and the offending value. ``method`` is a discriminated union on ``method.name``.
+
+β convention (stated once, logged with every config)::
+
+    loss = -log σ(-β/2 · [(e_θ(w) - e_ref(w)) - (e_θ(l) - e_ref(l))]),   e = per-sample MSE mean over C,H,W
+
+This is the official Diffusion-DPO convention (``scale_term = -0.5 * beta_dpo``), so β = 5000 here means
+what β = 5000 means in SalesforceAIResearch/DiffusionDPO and β = 2500 in diffusers' SD1.5 DPO script.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_TINY_SDXL = "builtin:tiny-sdxl"
+BUILTIN_TINY_SD15 = "builtin:tiny-sd15"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the dotted key and the value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r (diffusers DPO recipe: 8).")
+    alpha: float = Field(8.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (diffusers recipe: alpha = rank).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        description="UNet module names that get adapters (diffusers DPO recipe: attention projections).",
+    )
+    init: Literal["gaussian", "default"] = Field(
+        "gaussian", description="peft `init_lora_weights`: 'gaussian' as diffusers' DPO scripts, 'default' = Kaiming A, zero B."
+    )
+
+
+class ModelConfig(Section):
+    pretrained: str = Field(
+        BUILTIN_TINY_SDXL,
+        description="Base pipeline: a local diffusers directory, a hub id (offline: must be in the local cache), "
+        f"or '{BUILTIN_TINY_SDXL}' / '{BUILTIN_TINY_SD15}' for a tiny pipeline built from config.",
+    )
+    revision: str | None = Field(None, description="Hub revision of `pretrained` (ignored for local directories).")
+    variant: str | None = Field(None, description="Weight variant to load, e.g. 'fp16'.")
+    vae: str | None = Field(
+        None,
+        description="Optional separate VAE (directory or hub id), e.g. madebyollin/sdxl-vae-fp16-fix. "
+        "The VAE encodes in fp32 unless `vae_fp16_safe` is true.",
+    )
+    vae_fp16_safe: bool = Field(False, description="The configured VAE does not overflow in fp16, so it may encode in half precision.")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="UNet target; 'auto' reads the scheduler config of `pretrained`."
+    )
+    finetune: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters (reference = adapters disabled) or the full UNet (reference = frozen copy).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (used when finetune = lora).")
+    reference_offload: bool = Field(
+        False, description="Full fine-tune only: keep the frozen reference UNet on the CPU and stream it to the device per forward."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in the backward pass to save memory.")
+    attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernel: PyTorch SDPA, or xformers when installed.")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class PickapicSource(Section):
+    kind: Literal["pickapic"] = "pickapic"
+    path: str = Field(..., description="A Pick-a-Pic-v2-format parquet file, or a directory of them (columns caption, jpg_0, jpg_1, label_0).")
+
+
+class FolderSource(Section):
+    kind: Literal["folder"] = "folder"
+    root: str = Field(..., description="Image folder; image paths in the jsonl are relative to it.")
+    jsonl: str = Field(
+        ...,
+        description="One item per line: {'caption', 'images': [K paths]} and one of 'label' (K = 2: P(images[0] preferred), "
+        "0.5 = tie), 'ranks' (0 = best) or 'scores' (higher = better).",
+    )
+
+
+class DemoSource(Section):
+    kind: Literal["demo"] = "demo"
+    num_pairs: int = Field(64, ge=1, description="Pairs in the built-in synthetic preference set (caption-matching colour preferred).")
+    image_size: int = Field(64, ge=8, description="Side of the generated images.")
+    seed: int = Field(0, description="Seed of the synthetic set.")
+
+
+SourceConfig = Annotated[Union[PickapicSource, FolderSource, DemoSource], Field(discriminator="kind")]
+
+
+class DataConfig(Section):
+    source: SourceConfig = Field(default_factory=DemoSource, description="Where the preference data comes from (`kind`: pickapic, folder, demo).")
+    cache_dir: str = Field("outputs/cache", description="Latent-pair cache directory written by `diffalign prepare` and read by training.")
+    resolution: int = Field(64, ge=8, description="Training resolution (square): images are resized so the short side matches, then cropped.")
+    crop: Literal["center", "random"] = Field("center", description="Crop policy at cache time (official: center).")
+    random_flip: bool = Field(True, description="Horizontal flip with probability 1/2, decided at cache time (official: on).")
+    pairing: Literal["shared", "per_image"] = Field(
+        "shared",
+        description="'shared': all images of an item get the same crop and flip (diffalign default). "
+        "'per_image': independent per image, as the official Diffusion-DPO script does.",
+    )
+    time_ids: Literal["true", "fixed"] = Field(
+        "true",
+        description="SDXL add_time_ids: 'true' = each image's real original size and crop (diffalign default); "
+        "'fixed' = [res, res, 0, 0, res, res] as the official script.",
+    )
+    ties: Literal["drop", "keep"] = Field("drop", description="Pairs with label 0.5: dropped (official) or kept and trained with a soft label.")
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="Probability an item's caption is replaced by the empty caption (shared by all its images).")
+    corrupt_images: Literal["skip", "error"] = Field("skip", description="An undecodable image: skip its item (counted in the manifest) or fail.")
+    latent_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Storage dtype of cached posterior mean/log-variance and text embeddings.")
+    shard_size: int = Field(256, ge=1, description="Items per cache shard (the unit of atomic, resumable writing).")
+    encode_batch_size: int = Field(8, ge=1, description="Images per VAE forward while preparing.")
+    decode_workers: int = Field(2, ge=1, description="Threads decoding images while preparing.")
+    max_items: int | None = Field(None, ge=1, description="Use only the first N source items (quick experiments).")
+
+
+# -------------------------------------------------------------------------------------------- method
+
+
+class DPOMethod(Section):
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(
+        5000.0,
+        gt=0,
+        description="β in loss = -log σ(-β/2·Δ), Δ = (e_θ(w)-e_ref(w)) - (e_θ(l)-e_ref(l)), e = per-sample MSE mean over C,H,W. "
+        "Official: 5000 (SD1.5 paper value 2000). Typical range 2000-5000.",
+    )
+
+
+class SFTMethod(Section):
+    name: Literal["sft"] = "sft"
+
+
+MethodConfig = Annotated[Union[DPOMethod, SFTMethod], Field(discriminator="name")]
+
+
+# --------------------------------------------------------------------------------------------- optim
+
+
+class OptimConfig(Section):
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = Field("adamw", description="AdamW, 8-bit AdamW (needs bitsandbytes) or Adafactor.")
+    lr: float = Field(1e-5, gt=0, description="Learning rate (before `scale_lr`).")
+    scale_lr: bool = Field(
+        False, description="Multiply lr by batch_size × grad_accum × num_processes (official `--scale_lr`: 1e-8 × 2048 ≈ 2e-5)."
+    )
+    weight_decay: float = Field(1e-2, ge=0, description="Decoupled weight decay (official: 1e-2).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant_with_warmup", description="LR schedule (official: constant_with_warmup)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup optimizer steps.")
+    max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm; null disables (official: 1.0).")
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _positive_norm(cls, v: float | None) -> float | None:
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ValueError("must be a positive finite number or null")
+        return v
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+class EMAConfig(Section):
+    enabled: bool = Field(False, description="Keep an exponential moving average of the trained parameters (saved beside them).")
+    decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per optimizer step.")
+
+
+class TrainConfig(Section):
+    output_dir: str = Field("outputs/run", description="Where checkpoints, logs, validation grids and the final weights go.")
+    seed: int = Field(0, description="Seed of every random draw (noise, timesteps, dropout and data order derive from it).")
+    max_steps: int = Field(20, ge=1, description="Optimizer steps to train.")
+    batch_size: int = Field(2, ge=1, description="Items (pairs) per device per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision; trained LoRA parameters stay fp32.")
+    allow_tf32: bool = Field(True, description="Allow TF32 matmuls on Ampere+ GPUs.")
+    checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, description="Committed checkpoints to keep; older ones are pruned only after a new one is committed.")
+    resume: str | None = Field(None, description="'latest' = newest committed checkpoint in output_dir (fresh start if none), or a checkpoint path.")
+    ema: EMAConfig = Field(default_factory=EMAConfig, description="Exponential moving average of the trained weights.")
+    dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+class LogConfig(Section):
+    tracker: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Where step metrics go.")
+    every: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+    project: str = Field("diffalign", description="Tracker project name.")
+    progress: bool = Field(True, description="Show a progress bar with ETA.")
+
+
+class EvalConfig(Section):
+    validation_every: int = Field(0, ge=0, description="Render a validation grid every N optimizer steps (0 = off); with and without the adapter for LoRA.")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["a red circle on a white background", "a blue square on a black background"],
+        description="Validation prompts.",
+    )
+    num_inference_steps: int = Field(10, ge=1, description="Sampling steps for validation images.")
+    guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale for validation images.")
+    seed: int = Field(0, description="Sampling seed for validation images (the same for every grid).")
+
+
+# ---------------------------------------------------------------------------------------------- root
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model and how it is fine-tuned.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Preference source and latent-pair cache.")
+    method: MethodConfig = Field(default_factory=DPOMethod, description="Training objective (`name`: dpo, sft).")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and learning-rate schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Loop, precision, checkpointing.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Metrics and progress.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Validation grids during training.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.model.reference_offload and self.model.finetune != "full":
+            raise ValueError("model.reference_offload applies only to model.finetune = full (LoRA's reference is the same UNet)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _union_tags() -> dict[tuple[str, ...], dict[str, type[BaseModel]]]:
+    """Members of each discriminated union by tag; pydantic puts the tag into error locations."""
+    return {
+        ("method",): {m.model_fields["name"].default: m for m in (DPOMethod, SFTMethod)},
+        ("data", "source"): {m.model_fields["kind"].default: m for m in (PickapicSource, FolderSource, DemoSource)},
+    }
+
+
+def _model_at(model: type[BaseModel] | None, loc: tuple) -> tuple[type[BaseModel] | None, list[str]]:
+    """Walk a validation-error location through the schema; return the model at the end and the dotted keys."""
+    keys: list[str] = []
+    tags = _union_tags()
+    for part in loc:
+        if model is not None and isinstance(part, str) and part in model.model_fields:
+            keys.append(part)
+            ann = model.model_fields[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        elif part in tags.get(tuple(keys), {}):
+            model = tags[tuple(keys)][part]
+        else:
+            keys.append(str(part))
+            model = None
+    return model, keys
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err["loc"])
+    etype = err["type"]
+    if etype == "extra_forbidden":
+        parent, keys = _model_at(Config, loc[:-1])
+        dotted = ".".join(keys + [str(loc[-1])])
+        hint = ""
+        if parent is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1, cutoff=0.5)
+            choices = ", ".join(parent.model_fields)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {choices}"
+        return f"{dotted}: unknown key{hint}"
+    _, keys = _model_at(Config, loc)
+    dotted = ".".join(keys) or "<root>"
+    if etype == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        return f"{dotted}: unknown {ctx.get('discriminator', 'tag')} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+    if etype == "union_tag_not_found":
+        tag = err.get("ctx", {}).get("discriminator", "").strip("'")
+        options = ", ".join(_union_tags().get(tuple(keys), {}))
+        return f"{dotted}.{tag}: required key is missing (one of: {options})"
+    if etype == "missing":
+        return f"{dotted}: required key is missing"
+    value = err.get("input")
+    return f"{dotted}: {err['msg']} (got {value!r})"
+
+
+def validate_config(data: dict[str, Any], origin: str = "<config>") -> Config:
+    """Build a `Config` from a plain dict, turning pydantic errors into one readable `ConfigError`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = [_format_error(err) for err in e.errors()]
+        raise ConfigError(f"invalid configuration in {origin}:\n  " + "\n  ".join(lines)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'optim.lr=2e-5'`` -> (['optim', 'lr'], 2e-05). Values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        shipped = shipped_config_path(str(path))
+        if shipped is None:
+            raise ConfigError(f"config file not found: {path}")
+        path = shipped
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return data or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (a path, or the name of a shipped recipe such as 'sdxl_dpo') and apply dotted overrides."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    return validate_config(data, origin=str(path) if path else "<defaults>")
+
+
+def shipped_configs() -> list[str]:
+    """Names of the recipes shipped as package data (`diffalign.configs`)."""
+    root = resources.files("diffalign.configs")
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def shipped_config_path(name: str) -> Path | None:
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    if "/" in stem or "\\" in stem:
+        return None
+    candidate = resources.files("diffalign.configs") / f"{stem}.yaml"
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, headed by the β convention."""
+    header = (
+        "# Resolved diffalign config. beta convention: loss = -log sigmoid(-beta/2 * [(e_theta(w) - e_ref(w)) - "
+        "(e_theta(l) - e_ref(l))]), e = per-sample MSE mean over C,H,W\n"
+    )
+    return header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

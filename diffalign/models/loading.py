@@ -1,0 +1,156 @@
+"""Load SD1.5- and SDXL-family components from a local diffusers directory, a hub id, or a builtin tiny model.
+
+The family is read from the UNet config: ``addition_embed_type == "text_time"`` means SDXL (two text
+encoders, pooled embeddings and time ids), anything else is SD1.5-style (one encoder). Hub ids load from
+the local cache only when ``HF_HUB_OFFLINE`` is set (huggingface_hub honours it); a missing path or an
+unreachable id is a clear `ModelLoadError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from diffalign.config import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, ModelConfig
+
+Family = Literal["sd15", "sdxl"]
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be found or is not a supported SD1.5/SDXL pipeline."""
+
+
+@dataclass
+class Components:
+    """Everything training and caching need from a text-to-image pipeline."""
+
+    family: Family
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[CLIPTokenizer]
+    scheduler: DDPMScheduler
+    prediction_type: str
+    source: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def detect_family(unet_config: dict) -> Family:
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _from_pretrained(cls, ref: str, subfolder: str | None, cfg: ModelConfig, **kw):
+    local = Path(ref).is_dir()
+    try:
+        return cls.from_pretrained(
+            ref,
+            subfolder=subfolder,
+            revision=None if local else cfg.revision,
+            variant=cfg.variant,
+            local_files_only=local or _offline(),
+            **kw,
+        )
+    except (OSError, ValueError, EnvironmentError) as e:
+        where = f"{ref}/{subfolder}" if subfolder else ref
+        raise ModelLoadError(f"model.pretrained: could not load {cls.__name__} from '{where}': {e}") from None
+
+
+def _unet_config(ref: str, cfg: ModelConfig) -> dict:
+    path = Path(ref)
+    if path.is_dir():
+        cfg_file = path / "unet" / "config.json"
+        if not cfg_file.is_file():
+            raise ModelLoadError(f"model.pretrained: '{ref}' is a directory but has no unet/config.json (not a diffusers pipeline)")
+        return json.loads(cfg_file.read_text())
+    if path.is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1:
+        raise ModelLoadError(f"model.pretrained: local directory '{ref}' does not exist")
+    return dict(_from_pretrained(UNet2DConditionModel, ref, "unet", cfg).config)
+
+
+def _builtin(cfg: ModelConfig) -> Components:
+    from diffalign.models.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
+
+    pred = "epsilon" if cfg.prediction_type == "auto" else cfg.prediction_type
+    if cfg.pretrained == BUILTIN_TINY_SDXL:
+        p = tiny_sdxl_pipeline(prediction_type=pred)
+        encoders, tokenizers = [p.text_encoder, p.text_encoder_2], [p.tokenizer, p.tokenizer_2]
+    else:
+        p = tiny_sd15_pipeline(prediction_type=pred)
+        encoders, tokenizers = [p.text_encoder], [p.tokenizer]
+    family = detect_family(dict(p.unet.config))
+    return Components(family, p.unet, p.vae, encoders, tokenizers, p.scheduler, pred, cfg.pretrained)
+
+
+def load_components(cfg: ModelConfig) -> Components:
+    """Load UNet, VAE, text encoders, tokenizers and the training noise scheduler for `cfg.pretrained`."""
+    ref = cfg.pretrained
+    if ref in (BUILTIN_TINY_SDXL, BUILTIN_TINY_SD15):
+        return _builtin(cfg)
+    family = detect_family(_unet_config(ref, cfg))
+    unet = _from_pretrained(UNet2DConditionModel, ref, "unet", cfg)
+    vae = _from_pretrained(AutoencoderKL, cfg.vae, None, cfg) if cfg.vae else _from_pretrained(AutoencoderKL, ref, "vae", cfg)
+    scheduler = _from_pretrained(DDPMScheduler, ref, "scheduler", cfg)
+    encoders = [_from_pretrained(CLIPTextModel, ref, "text_encoder", cfg)]
+    tokenizers = [_from_pretrained(CLIPTokenizer, ref, "tokenizer", cfg)]
+    if family == "sdxl":
+        encoders.append(_from_pretrained(CLIPTextModelWithProjection, ref, "text_encoder_2", cfg))
+        tokenizers.append(_from_pretrained(CLIPTokenizer, ref, "tokenizer_2", cfg))
+    pred = scheduler.config.get("prediction_type", "epsilon") if cfg.prediction_type == "auto" else cfg.prediction_type
+    if pred not in ("epsilon", "v_prediction"):
+        raise ModelLoadError(f"model.prediction_type: '{pred}' from the scheduler config is not supported (epsilon, v_prediction)")
+    scheduler.register_to_config(prediction_type=pred)
+    return Components(family, unet, vae, encoders, tokenizers, scheduler, pred, ref)
+
+
+def vae_encode_dtype(cfg: ModelConfig, mixed_precision: str) -> torch.dtype:
+    """fp32 unless a configured fp16-safe VAE is given (the SDXL VAE overflows in fp16)."""
+    if cfg.vae and cfg.vae_fp16_safe and mixed_precision in ("fp16", "bf16"):
+        return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+    return torch.float32
+
+
+@torch.no_grad()
+def encode_prompts(components: Components, captions: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text conditioning as the pipelines compute it.
+
+    SD1.5: last hidden state of the encoder -> (N, 77, D); pooled is None.
+    SDXL: penultimate hidden states of both encoders concatenated -> (N, 77, D1 + D2); pooled = the
+    second encoder's projected text embedding -> (N, D2).
+    """
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        out = encoder(ids.to(device), output_hidden_states=True)
+        if components.family == "sd15":
+            hidden.append(out.last_hidden_state)
+        else:
+            hidden.append(out.hidden_states[-2])
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
+    return torch.cat(hidden, dim=-1), pooled
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior of images in [-1, 1] (N, 3, H, W) -> (mean, logvar), each (N, C, h, w), unscaled."""
+    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return dist.mean, dist.logvar
+
+
+def sdxl_time_ids(original_hw: tuple[int, int], crop_tl: tuple[int, int], target_hw: tuple[int, int]) -> list[int]:
+    """SDXL micro-conditioning: [orig_h, orig_w, crop_top, crop_left, target_h, target_w]."""
+    return [original_hw[0], original_hw[1], crop_tl[0], crop_tl[1], target_hw[0], target_hw[1]]

@@ -154,3 +154,31 @@ def encode_images(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tenso
 def sdxl_time_ids(original_hw: tuple[int, int], crop_tl: tuple[int, int], target_hw: tuple[int, int]) -> list[int]:
     """SDXL micro-conditioning: [orig_h, orig_w, crop_top, crop_left, target_h, target_w]."""
     return [original_hw[0], original_hw[1], crop_tl[0], crop_tl[1], target_hw[0], target_hw[1]]
+
+
+def build_pipeline(components: Components, unet: UNet2DConditionModel | None = None, scheduler=None):
+    """A diffusers text-to-image pipeline over the components (optionally another UNet / sampler)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    unet = unet if unet is not None else components.unet
+    scheduler = scheduler if scheduler is not None else DDIMScheduler.from_config(components.scheduler.config)
+    if components.family == "sdxl":
+        return StableDiffusionXLPipeline(
+            vae=components.vae,
+            text_encoder=components.text_encoders[0],
+            text_encoder_2=components.text_encoders[1],
+            tokenizer=components.tokenizers[0],
+            tokenizer_2=components.tokenizers[1],
+            unet=unet,
+            scheduler=scheduler,
+        )
+    return StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoders[0],
+        tokenizer=components.tokenizers[0],
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

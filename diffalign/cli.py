@@ -1,0 +1,77 @@
+"""The `diffalign` command.
+
+    diffalign train [CONFIG] [section.key=value ...]     fine-tune (prepares the cache first if needed)
+    diffalign prepare [CONFIG] [section.key=value ...]   build the latent-pair cache only
+    diffalign configs                                    list the shipped recipes
+
+CONFIG is a YAML path or the name of a shipped recipe (default: tiny_sdxl_dpo, the embedded tiny model).
+Multi-process: `accelerate launch -m diffalign train CONFIG ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_CONFIG = "tiny_sdxl_dpo"
+
+
+def _split(args: list[str]) -> tuple[str, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return DEFAULT_CONFIG, args
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from diffalign.config import load_config
+    from diffalign.trainers.loop import train
+
+    path, overrides = _split(args.rest)
+    train(load_config(path, overrides))
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from diffalign.config import load_config
+    from diffalign.data import prepare_cache
+
+    path, overrides = _split(args.rest)
+    out = prepare_cache(load_config(path, overrides))
+    print(f"cache ready: {out}")
+
+
+def _cmd_configs(args: argparse.Namespace) -> None:
+    from diffalign.config import shipped_config_path, shipped_configs
+
+    for name in shipped_configs():
+        print(f"{name:24s} {shipped_config_path(name)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffalign", description="Align text-to-image diffusion models with human preferences.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, text in (
+        ("train", _cmd_train, "fine-tune from a YAML config (Diffusion-DPO, SFT)"),
+        ("prepare", _cmd_prepare, "encode a preference source into the latent-pair cache"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("rest", nargs="*", metavar="CONFIG [key=value ...]", help=f"YAML path or shipped recipe name (default {DEFAULT_CONFIG}), then dotted overrides")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("configs", help="list the shipped recipes")
+    p.set_defaults(fn=_cmd_configs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffalign.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except USER_ERRORS as e:
+        print(f"diffalign {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""LoRA adapters on the UNet through peft, and their export in the diffusers format.
+
+The LoRA reference of preference training is the same UNet with its adapters disabled, so no second copy
+is held. Saved weights are ``pytorch_lora_weights.safetensors`` with peft-config metadata, which
+``pipe.load_lora_weights(dir)`` accepts (alpha survives the round trip).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig as PeftLoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from diffalign.config import LoraConfig
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def attach_lora(unet: UNet2DConditionModel, cfg: LoraConfig) -> None:
+    """Freeze the UNet and add trainable LoRA adapters to `cfg.target_modules`."""
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        PeftLoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
+            target_modules=list(cfg.target_modules),
+        )
+    )
+    if not any(p.requires_grad for p in unet.parameters()):
+        raise ValueError(f"model.lora.target_modules {cfg.target_modules} matched no UNet module")
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet: UNet2DConditionModel):
+    """Run the base model: the LoRA reference ε_ref of preference objectives."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def save_lora(unet: UNet2DConditionModel, directory: str | Path, family: str) -> Path:
+    """Write the UNet's adapters as diffusers-format safetensors (with the peft config as metadata)."""
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_cls.save_lora_weights(
+        str(directory),
+        unet_lora_layers=layers,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        weight_name=LORA_WEIGHT_NAME,
+    )
+    return Path(directory) / LORA_WEIGHT_NAME
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that require grad, by name (LoRA weights, or the whole UNet for full fine-tuning)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

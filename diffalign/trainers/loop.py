@@ -1,0 +1,419 @@
+"""The one training loop for offline preference methods (Diffusion-DPO, SFT), on accelerate.
+
+Read top to bottom: `__init__` validates, `setup` builds in dependency order, `train` runs the steps,
+`save_checkpoint` / `resume` keep crash-safe state, `finish` exports the weights and prints a summary.
+
+Per optimizer step and process: `grad_accum` micro-batches, each ONE batched policy forward over
+[winners; losers] and one reference forward on the same inputs (adapters disabled for LoRA, a frozen
+copy for full fine-tuning). Randomness is counter-based (`randomness.py`), the data order is indexed
+(`sampler.py`), so a resumed run continues exactly where a committed checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from diffalign.config import Config, dump_config
+from diffalign.data import LatentPairDataset, check_cache, prepare_cache
+from diffalign.diffusion import per_sample_mse
+from diffalign.io import atomic_write_text, load_safetensors, save_safetensors, torch_load, torch_save
+from diffalign.models.loading import Components, load_components
+from diffalign.models.lora import adapters_disabled, attach_lora, save_lora, trainable_state_dict
+from diffalign.trainers import checkpoint as ckpt
+from diffalign.trainers.batch import Conditioning, build_inputs
+from diffalign.trainers.methods import build_method
+from diffalign.trainers.optim import build_lr_schedule, build_optimizer, effective_lr
+from diffalign.trainers.report import MetricsLog, print_summary
+from diffalign.trainers.sampler import GlobalBatchSampler
+from diffalign.trainers.validation import validation_grid
+
+# Fields that must match between a checkpoint and the run resuming it (the rest may change, e.g. max_steps).
+IDENTITY_FIELDS = (
+    "model.pretrained", "model.revision", "model.finetune", "model.lora", "method", "data.resolution",
+    "data.caption_dropout", "data.ties", "train.seed", "train.batch_size", "train.grad_accum", "train.mixed_precision",
+)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, unusable checkpoint); the message says where."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _dotted(cfg: Config, key: str):
+    node = cfg.model_dump(mode="json")
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+class PreferenceTrainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.method = build_method(cfg.method)
+        self.output_dir = Path(cfg.train.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def setup(self, components: Components | None = None) -> None:
+        cfg = self.cfg
+        tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker, project_dir=str(self.output_dir / "logs"))
+        acc = self.accelerator
+        set_seed(cfg.train.seed)  # only for anything outside our counter-based draws (e.g. LoRA dropout)
+        if cfg.train.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+        # 1. the frozen parts and the data: components load once; the cache is built by the main process
+        self.components = components or load_components(cfg.model)
+        with acc.main_process_first():
+            if acc.is_main_process:
+                prepare_cache(cfg, self.components, progress=cfg.log.progress)
+        self.manifest = check_cache(cfg, self.components)
+        self.dataset = LatentPairDataset(cfg.data.cache_dir, cfg.data)
+        if len(self.dataset) == 0:
+            raise TrainingError(f"data: no usable items in {cfg.data.cache_dir} (ties dropped: data.ties = {cfg.data.ties})")
+
+        # 2. the trained UNet; the reference is made BEFORE any checkpoint is loaded, so it stays the base
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
+        unet = self.components.unet
+        self.lora = cfg.model.finetune == "lora"
+        self.reference = None
+        if self.lora:
+            unet.to(acc.device, dtype=self.weight_dtype)
+            attach_lora(unet, cfg.model.lora)
+            for p in unet.parameters():  # LoRA parameters train in fp32 under mixed precision
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            unet.requires_grad_(True)
+            unet.to(acc.device)
+            if self.method.needs_reference:
+                self.reference = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype=self.weight_dtype)
+                if cfg.model.reference_offload and acc.device.type != "cpu":
+                    from accelerate import cpu_offload
+
+                    cpu_offload(self.reference.to("cpu"), execution_device=acc.device)
+                else:
+                    self.reference.to(acc.device)
+        if cfg.model.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if cfg.model.attention == "xformers":
+            unet.enable_xformers_memory_efficient_attention()
+        unet.train()
+        for module in (self.components.vae, *self.components.text_encoders):
+            module.requires_grad_(False)
+
+        # 3. optimizer, schedule, EMA
+        params = [p for p in unet.parameters() if p.requires_grad]
+        self.lr = effective_lr(cfg.optim, cfg.train.batch_size, cfg.train.grad_accum, acc.num_processes)
+        optimizer = build_optimizer(params, cfg.optim, self.lr)
+        self.lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.train.max_steps)
+        self.ema = None
+        if cfg.train.ema.enabled:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=cfg.train.ema.decay)
+        self.unet, self.optimizer = acc.prepare(unet, optimizer)
+
+        scheduler = self.components.scheduler
+        empty = self.dataset.empty_prompt_embeds
+        self.cond = Conditioning(
+            alphas_cumprod=scheduler.alphas_cumprod.float(),
+            num_train_timesteps=scheduler.config.num_train_timesteps,
+            scaling_factor=self.components.vae.config.scaling_factor,
+            prediction_type=self.components.prediction_type,
+            empty_prompt_embeds=empty,
+            empty_pooled=getattr(self.dataset, "empty_pooled", None),
+            caption_dropout=cfg.data.caption_dropout,
+            seed=cfg.train.seed,
+        )
+
+        # 4. where to start
+        self.step, self.micro_batch = 0, 0
+        self.resumed_from = self.resume()
+        self.sampler = GlobalBatchSampler(
+            len(self.dataset), cfg.train.batch_size, cfg.train.seed, acc.num_processes, acc.process_index, self.micro_batch
+        )
+        self.loader = iter(
+            torch.utils.data.DataLoader(
+                self.dataset, batch_size=cfg.train.batch_size, sampler=self.sampler, num_workers=cfg.train.dataloader_workers
+            )
+        )
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.output_dir / "config.yaml", dump_config(cfg))
+        if tracker:
+            acc.init_trackers(cfg.log.project, config=_flat_hparams(cfg))
+        self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", acc.is_main_process, self.step if self.resumed_from else None)
+
+    def describe(self) -> str:
+        c, n = self.cfg.train, self.accelerator.num_processes
+        return (
+            f"{self.method.name} · {self.components.family} · {self.cfg.model.finetune} · {len(self.dataset)} items · "
+            f"global batch {c.batch_size} × {c.grad_accum} accum × {n} proc = {c.batch_size * c.grad_accum * n} · lr {self.lr:g}"
+        )
+
+    # ------------------------------------------------------------------------------------------ train
+
+    def reference_errors(self, inputs) -> torch.Tensor:
+        with torch.no_grad(), self.accelerator.autocast():
+            if self.lora:
+                with adapters_disabled(self.accelerator.unwrap_model(self.unet)) as base:
+                    pred = base(**inputs.unet_kwargs()).sample
+            else:
+                pred = self.reference(**inputs.unet_kwargs()).sample
+        return per_sample_mse(pred, inputs.target)
+
+    def micro_step(self, batch: dict, micro: int) -> dict[str, torch.Tensor]:
+        acc = self.accelerator
+        inputs = build_inputs(batch, self.cond, self.step, micro, self.method.uses_loser, acc.device, self.weight_dtype)
+        with acc.autocast():
+            pred = self.unet(**inputs.unet_kwargs()).sample
+        model_err = per_sample_mse(pred, inputs.target)
+        ref_err = self.reference_errors(inputs) if self.method.needs_reference else torch.zeros_like(model_err)
+        halves = (lambda e: e.chunk(2)) if self.method.uses_loser else (lambda e: (e, None))
+        (m_w, m_l), (r_w, r_l) = halves(model_err), halves(ref_err)
+        loss, metrics = self.method.compute(m_w, m_l, r_w, r_l, inputs.label)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite loss {loss.item()} at step {self.step}, micro-batch {micro}, items {batch['item_id'].tolist()} "
+                f"(model errors {model_err.tolist()}); lower optim.lr or check the cache"
+            )
+        acc.backward(loss / self.cfg.train.grad_accum)
+        return metrics
+
+    def optimizer_step(self) -> dict[str, float]:
+        acc, cfg = self.accelerator, self.cfg
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.train.grad_accum):
+            batch = next(self.loader)
+            last = micro == cfg.train.grad_accum - 1
+            ctx = contextlib.nullcontext() if last else acc.no_sync(self.unet)
+            with ctx:
+                metrics = self.micro_step(batch, micro)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum
+            self.micro_batch += 1
+        grad_norm = None
+        if cfg.optim.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_([p for p in self.unet.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step([p for p in self.unet.parameters() if p.requires_grad])
+        self.step += 1
+        out = {k: acc.reduce(v.detach(), reduction="mean").item() for k, v in sums.items()}
+        out["lr"] = self.lr_schedule.get_last_lr()[0]
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        return out
+
+    def train(self) -> TrainResult:
+        cfg, acc = self.cfg, self.accelerator
+        samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+        if acc.is_main_process:
+            print(f"diffalign train: {self.describe()}" + (f" · resumed from {self.resumed_from}" if self.resumed_from else ""))
+        bar = _progress(cfg, self.step, acc.is_main_process)
+        started = time.perf_counter()
+        while self.step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            metrics = self.optimizer_step()
+            metrics["samples_per_s"] = samples_per_step / max(time.perf_counter() - t0, 1e-9)
+            if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
+                acc.log(metrics, step=self.step)
+                self.metrics_log.write(self.step, metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "implicit_acc") if k in metrics})
+            if cfg.eval.validation_every and self.step % cfg.eval.validation_every == 0:
+                self.validate()
+            if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.max_steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint()
+        return self.finish(time.perf_counter() - started)
+
+    def validate(self) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            path = self.output_dir / "validation" / f"step-{self.step:08d}.png"
+            grid = validation_grid(
+                self.components, acc.unwrap_model(self.unet), self.cfg.eval, self.cfg.data.resolution, acc.device, self.lora, path
+            )
+            for tracker in acc.trackers:
+                if tracker.name == "tensorboard":
+                    import numpy as np
+
+                    tracker.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def _identity(self) -> dict:
+        ident = {k: _dotted(self.cfg, k) for k in IDENTITY_FIELDS}
+        ident["num_processes"] = self.accelerator.num_processes
+        ident["cache"] = self.manifest.get("fingerprint") or self.manifest.get("source_hash")
+        return ident
+
+    def save_checkpoint(self) -> Path | None:
+        """Stage every file, commit with a marker written last, prune only after the commit."""
+        acc = self.accelerator
+        staging = ckpt.staging_path(self.checkpoint_root, self.step)
+        if acc.is_main_process:
+            ckpt.stage(self.checkpoint_root, self.step)
+        acc.wait_for_everyone()
+        torch_save(staging / f"rng-rank{acc.process_index}.pt", _rng_state())
+        committed = None
+        if acc.is_main_process:
+            unet = acc.unwrap_model(self.unet)
+            save_safetensors(staging / "trainable.safetensors", trainable_state_dict(unet))
+            ckpt.fault_point("checkpoint.write")
+            torch_save(staging / "optimizer.pt", self.optimizer.state_dict())
+            torch_save(staging / "lr_schedule.pt", self.lr_schedule.state_dict())
+            if self.ema is not None:
+                torch_save(staging / "ema.pt", self.ema.state_dict())
+            scaler = getattr(acc, "scaler", None)
+            if scaler is not None:
+                torch_save(staging / "scaler.pt", scaler.state_dict())
+            ckpt.fault_point("checkpoint.write")
+            state = {"step": self.step, "micro_batch": self.micro_batch, "identity": self._identity()}
+            atomic_write_text(staging / "state.json", json.dumps(state, indent=2))
+            atomic_write_text(staging / "config.yaml", dump_config(self.cfg))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            committed = ckpt.commit(self.checkpoint_root, self.step, staging, self.cfg.train.keep_last)
+        acc.wait_for_everyone()
+        return committed
+
+    def resume(self) -> Path | None:
+        """Load the checkpoint named by `train.resume` ('latest' = newest committed; none yet = fresh start)."""
+        want = self.cfg.train.resume
+        if want is None:
+            return None
+        path = ckpt.latest(self.checkpoint_root) if want == "latest" else Path(want)
+        if path is None:
+            return None
+        ckpt.verify(path)
+        state = json.loads((path / "state.json").read_text())
+        mine = self._identity()
+        diffs = [f"{k} (checkpoint {state['identity'].get(k)!r}, config {v!r})" for k, v in mine.items() if state["identity"].get(k) != v]
+        if diffs:
+            raise TrainingError(f"cannot resume from {path}: the run differs in " + "; ".join(diffs))
+        unet = self.accelerator.unwrap_model(self.unet)
+        saved = load_safetensors(path / "trainable.safetensors")
+        own = dict(unet.named_parameters())
+        expected = {n for n, p in own.items() if p.requires_grad}
+        if set(saved) != expected:
+            missing, extra = sorted(expected - set(saved))[:3], sorted(set(saved) - expected)[:3]
+            raise TrainingError(f"{path / 'trainable.safetensors'}: parameter names differ (missing {missing}, unexpected {extra})")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                own[name].copy_(tensor)
+        self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
+        self.lr_schedule.load_state_dict(torch_load(path / "lr_schedule.pt"))
+        if self.ema is not None:
+            self.ema.load_state_dict(torch_load(path / "ema.pt"))
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None:
+            scaler.load_state_dict(torch_load(path / "scaler.pt"))
+        rng_file = path / f"rng-rank{self.accelerator.process_index}.pt"
+        if not rng_file.is_file():
+            raise TrainingError(f"{rng_file}: missing RNG state for this process")
+        _set_rng_state(torch_load(rng_file))
+        self.step, self.micro_batch = state["step"], state["micro_batch"]
+        return path
+
+    # ----------------------------------------------------------------------------------------- finish
+
+    def finish(self, seconds: float) -> TrainResult:
+        acc = self.accelerator
+        final_dir = self.output_dir / "final"
+        summary = self.metrics_log.summary()
+        if acc.is_main_process:
+            unet = acc.unwrap_model(self.unet)
+            if self.ema is not None:
+                self.ema.store(unet.parameters())
+                self.ema.copy_to([p for p in unet.parameters() if p.requires_grad])
+            final_dir.mkdir(parents=True, exist_ok=True)
+            if self.lora:
+                save_lora(unet, final_dir, self.components.family)
+            else:
+                unet.save_pretrained(final_dir / "unet")
+            if self.ema is not None:
+                self.ema.restore(unet.parameters())
+            atomic_write_text(final_dir / "config.yaml", dump_config(self.cfg))
+            atomic_write_text(self.output_dir / "summary.json", json.dumps({"steps": self.step, "seconds": seconds, **summary}, indent=2))
+            self.metrics_log.plot(self.output_dir / "curves.png")
+            if self.cfg.log.progress:
+                print_summary(self, seconds, summary, final_dir)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return TrainResult(self.output_dir, final_dir, self.step, seconds, summary)
+
+
+def train(cfg: Config, components: Components | None = None) -> TrainResult:
+    """Prepare the cache if needed, train, checkpoint, export. The library entry point of `diffalign train`."""
+    trainer = PreferenceTrainer(cfg)
+    trainer.setup(components)
+    return trainer.train()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _progress(cfg: Config, start: int, enabled: bool):
+    if not (enabled and cfg.log.progress):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flat_hparams(cfg: Config) -> dict:
+    flat = {}
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(key + "/", v)
+            else:
+                flat[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat

@@ -81,12 +81,12 @@ class ModelConfig(Section):
 
 
 class PickapicSource(Section):
-    kind: Literal["pickapic"] = "pickapic"
+    kind: Literal["pickapic"] = Field("pickapic", description="Source type tag: Pick-a-Pic-v2-format parquet.")
     path: str = Field(..., description="A Pick-a-Pic-v2-format parquet file, or a directory of them (columns caption, jpg_0, jpg_1, label_0).")
 
 
 class FolderSource(Section):
-    kind: Literal["folder"] = "folder"
+    kind: Literal["folder"] = Field("folder", description="Source type tag: an image folder with a jsonl of preferences.")
     root: str = Field(..., description="Image folder; image paths in the jsonl are relative to it.")
     jsonl: str = Field(
         ...,
@@ -96,7 +96,7 @@ class FolderSource(Section):
 
 
 class DemoSource(Section):
-    kind: Literal["demo"] = "demo"
+    kind: Literal["demo"] = Field("demo", description="Source type tag: the built-in synthetic preference set.")
     num_pairs: int = Field(64, ge=1, description="Pairs in the built-in synthetic preference set (caption-matching colour preferred).")
     image_size: int = Field(64, ge=8, description="Side of the generated images.")
     seed: int = Field(0, description="Seed of the synthetic set.")
@@ -116,9 +116,12 @@ class DataConfig(Section):
         description="'shared': all images of an item get the same crop and flip (diffalign default). "
         "'per_image': independent per image, as the official Diffusion-DPO script does.",
     )
-    time_ids: Literal["true", "fixed"] = Field(
-        "true",
-        description="SDXL add_time_ids: 'true' = each image's real original size and crop (diffalign default); "
+    seed: int = Field(
+        0, description="Seed of the cache-time crop and flip draws (hashed with each item's source_id); part of the cache identity."
+    )
+    time_ids: Literal["original", "fixed"] = Field(
+        "original",
+        description="SDXL add_time_ids: 'original' = each image's real original size and crop (diffalign default); "
         "'fixed' = [res, res, 0, 0, res, res] as the official script.",
     )
     ties: Literal["drop", "keep"] = Field("drop", description="Pairs with label 0.5: dropped (official) or kept and trained with a soft label.")
@@ -135,7 +138,7 @@ class DataConfig(Section):
 
 
 class DPOMethod(Section):
-    name: Literal["dpo"] = "dpo"
+    name: Literal["dpo"] = Field("dpo", description="Method tag: Diffusion-DPO (Wallace et al., 2023, arXiv:2311.12908).")
     beta: float = Field(
         5000.0,
         gt=0,
@@ -145,7 +148,7 @@ class DPOMethod(Section):
 
 
 class SFTMethod(Section):
-    name: Literal["sft"] = "sft"
+    name: Literal["sft"] = Field("sft", description="Method tag: supervised fine-tuning on the preferred image only (the official `--sft` baseline).")
 
 
 MethodConfig = Annotated[Union[DPOMethod, SFTMethod], Field(discriminator="name")]
@@ -192,6 +195,11 @@ class TrainConfig(Section):
     batch_size: int = Field(2, ge=1, description="Items (pairs) per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision; trained LoRA parameters stay fp32.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # an unquoted YAML `no` reads as false
     allow_tf32: bool = Field(True, description="Allow TF32 matmuls on Ampere+ GPUs.")
     checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0 = only at the end).")
     keep_last: int = Field(2, ge=1, description="Committed checkpoints to keep; older ones are pruned only after a new one is committed.")
@@ -288,8 +296,9 @@ def _format_error(err: dict) -> str:
         return f"{dotted}.{tag}: required key is missing (one of: {options})"
     if etype == "missing":
         return f"{dotted}: required key is missing"
-    value = err.get("input")
-    return f"{dotted}: {err['msg']} (got {value!r})"
+    if not keys:  # a cross-field check on the whole config: the input is the whole config, not worth printing
+        return err["msg"]
+    return f"{dotted}: {err['msg']} (got {err.get('input')!r})"
 
 
 def validate_config(data: dict[str, Any], origin: str = "<config>") -> Config:

@@ -302,7 +302,8 @@ class PreferenceTrainer:
             atomic_write_text(staging / "config.yaml", dump_config(self.cfg))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            committed = ckpt.commit(self.checkpoint_root, self.step, staging, self.cfg.train.keep_last)
+            protect = [self.resumed_from] if self.resumed_from else []
+            committed = ckpt.commit(self.checkpoint_root, self.step, staging, self.cfg.train.keep_last, protect=protect)
         acc.wait_for_everyone()
         return committed
 

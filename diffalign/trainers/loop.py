@@ -98,7 +98,9 @@ class PreferenceTrainer:
         self.lora = cfg.model.finetune == "lora"
         self.reference = None
         if self.lora:
-            unet.to(acc.device, dtype=self.weight_dtype)
+            unet.to(acc.device)
+            if self.weight_dtype != torch.float32:  # the frozen base in half precision; LoRA stays fp32 below
+                unet.to(dtype=self.weight_dtype)
             attach_lora(unet, cfg.model.lora)
             for p in unet.parameters():  # LoRA parameters train in fp32 under mixed precision
                 if p.requires_grad:

@@ -1,0 +1,95 @@
+"""What makes a latent cache valid for a config: a flat dict of dotted fields, compared field by field.
+
+The identity holds everything that changes the cached tensors: the format version; the model refs
+(pretrained, revision, variant, separate VAE) and a digest of the local weight files the cache depends
+on (VAE, text encoders, tokenizers; see `diffalign.data.digest` for the method; hub ids are identified
+by id and revision only); with loaded components, also the family, VAE class / scaling factor / latent
+channels / spatial factor and the text encoders' classes and widths; the latent dtype, resolution,
+crop, flip, pairing and augmentation seed; the source kind and content digest, and `max_items`.
+Knobs that only change how the cache is read (ties, time_ids, caption_dropout) or how fast it is built
+(batch sizes, workers, shard size) are not part of it. Keys are named after the config field to change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffalign.config import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, Config, ModelConfig
+from diffalign.data.digest import files_digest
+
+FORMAT_VERSION = 1
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
+_CACHE_SUBFOLDERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def _dir_digest(root: Path, subfolders: tuple[str, ...] | None) -> str:
+    tops = [root / s for s in subfolders] if subfolders else [root]
+    files = [p for t in tops if t.is_dir() for p in t.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES]
+    return files_digest(files, root)
+
+
+def weights_digest(model: ModelConfig) -> str:
+    """Digest of the local files that the cached tensors depend on; 'builtin:...' / 'hub:<id>@<rev>' otherwise."""
+    ref = model.pretrained
+    if ref in (BUILTIN_TINY_SDXL, BUILTIN_TINY_SD15):
+        return ref
+    parts = []
+    if Path(ref).is_dir():
+        sub = tuple(s for s in _CACHE_SUBFOLDERS if not (model.vae and s == "vae"))
+        parts.append(_dir_digest(Path(ref), sub))
+    else:
+        parts.append(f"hub:{ref}@{model.revision or 'main'}")
+    if model.vae:
+        parts.append(_dir_digest(Path(model.vae), None) if Path(model.vae).is_dir() else f"hub:{model.vae}@{model.revision or 'main'}")
+    return "+".join(parts)
+
+
+def config_identity(cfg: Config) -> dict[str, Any]:
+    """The identity fields readable from the config alone (the source digest is added by the caller)."""
+    m, d = cfg.model, cfg.data
+    return {
+        "format_version": FORMAT_VERSION,
+        "model.pretrained": m.pretrained,
+        "model.revision": m.revision,
+        "model.variant": m.variant,
+        "model.vae": m.vae,
+        "model.weights": weights_digest(m),
+        "data.resolution": d.resolution,
+        "data.crop": d.crop,
+        "data.random_flip": d.random_flip,
+        "data.pairing": d.pairing,
+        "data.seed": d.seed,
+        "data.latent_dtype": d.latent_dtype,
+        "data.max_items": d.max_items,
+        "data.source.kind": d.source.kind,
+    }
+
+
+def components_identity(components) -> dict[str, Any]:
+    """Identity fields read from loaded `Components` (family, VAE, text encoders)."""
+    vae = components.vae.config
+    encoders = []
+    for enc, tok in zip(components.text_encoders, components.tokenizers):
+        c = enc.config
+        proj = getattr(c, "projection_dim", None) if hasattr(enc, "text_projection") else None
+        encoders.append(f"{type(enc).__name__}(hidden={c.hidden_size}, projection={proj}, max_length={tok.model_max_length})")
+    return {
+        "model.family": components.family,
+        "model.vae_class": type(components.vae).__name__,
+        "model.scaling_factor": float(vae.scaling_factor),
+        "model.shift_factor": None if vae.get("shift_factor") is None else float(vae.shift_factor),
+        "model.latent_channels": int(vae.latent_channels),
+        "model.vae_spatial_factor": int(components.vae_scale_factor),
+        "model.text_encoders": encoders,
+    }
+
+
+def diff_identity(cached: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """One line per field of `expected` that the cache records differently: 'field: cache has X, config asks Y'."""
+    lines = []
+    for key, want in expected.items():
+        have = cached.get(key, "<not recorded>")
+        if have != want:
+            lines.append(f"{key}: cache has {have!r}, config asks {want!r}")
+    return lines

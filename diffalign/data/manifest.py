@@ -1,0 +1,150 @@
+"""The cache's manifest: what a cache must record to serve a config (`expected_identity`), the verification
+training runs before reading it (`check_cache`), and the summary written when a build completes.
+
+``manifest.json`` (written last, atomically) holds: ``format_version``; ``fingerprint`` (sha256 of the
+identity); ``identity`` (the compared fields, see `diffalign.data.identity`); ``model`` (refs, family,
+VAE ref, scaling factor, text encoders, embedding shapes, VAE encode dtype); ``latents`` (dtype,
+resolution, latent size, crop, flip, pairing, seed, time-ids policy); ``source`` (description, digest
+and how the digest is computed); ``counts`` (items, images, captions, K, ties, skipped, source items,
+shards); ``skipped`` (source_id and reason of every skipped item) and ``shard_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pyarrow.compute as pc
+from safetensors.torch import load_file
+
+from diffalign.config import Config
+from diffalign.data.digest import json_digest
+from diffalign.data.errors import CacheIncompleteError, CacheMismatchError, DataError
+from diffalign.data.identity import components_identity, config_identity, diff_identity
+from diffalign.data.shards import committed_shards, read_index, shard_meta, tensors_path
+from diffalign.data.sources import open_source
+from diffalign.models.loading import Components, vae_encode_dtype
+
+MANIFEST = "manifest.json"
+BUILD = "build.json"
+TEXT_EMPTY = "text_empty.safetensors"
+
+
+def _source_identity(cfg: Config, source=None, strict: bool = True) -> dict:
+    """``data.source.digest`` of the configured source; without a reachable source (strict=False) its description."""
+    try:
+        source = source or open_source(cfg.data.source)
+    except DataError as e:
+        if strict:
+            raise
+        warnings.warn(f"source not readable ({e}); the cache's source is checked by description only", stacklevel=3)
+        return {"data.source.config": cfg.data.source.model_dump(mode="json")}
+    return {"data.source.digest": source.digest()}
+
+
+def expected_identity(cfg: Config, components: Components | None, source=None, strict: bool = True) -> dict:
+    """The identity a cache must have to serve `cfg` (component fields only when components are given)."""
+    ident = config_identity(cfg)
+    if components is not None:
+        ident.update(components_identity(components))
+    ident.update(_source_identity(cfg, source, strict))
+    return ident
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CacheIncompleteError(f"{path}: unreadable ({e}); delete the cache directory and prepare it again") from None
+
+
+def compare_identity(cached: dict, expected: dict, root: Path, what: str) -> None:
+    cached = dict(cached)
+    if "data.source.config" in expected:  # source unreachable: compare what the manifest recorded of its config
+        cached["data.source.config"] = cached.get("_source_config")
+    lines = diff_identity(cached, expected)
+    if lines:
+        raise CacheMismatchError(
+            f"{what} at {root} does not match the configuration:\n  " + "\n  ".join(lines) + "\n"
+            "Use another data.cache_dir, or delete this one to rebuild it."
+        )
+
+
+def check_cache(cfg: Config, components: Components | None = None) -> dict:
+    """Return the manifest of the complete cache at `cfg.data.cache_dir` if it serves `cfg`, else raise.
+
+    Missing or unfinished: `CacheIncompleteError`. Built with other settings: `CacheMismatchError` listing
+    every differing field with both values. Component fields (family, VAE, encoders) are compared only
+    when `components` is given; the source is compared by content digest (by its config if unreadable).
+    """
+    root = Path(cfg.data.cache_dir)
+    if not (root / MANIFEST).is_file():
+        state = "is unfinished (no manifest.json; run prepare again to resume)" if (root / BUILD).is_file() else "does not exist"
+        raise CacheIncompleteError(f"data.cache_dir: the latent cache at {root} {state}; run `diffalign prepare` first")
+    manifest = read_json(root / MANIFEST)
+    compare_identity(manifest.get("identity", {}), expected_identity(cfg, components, strict=False), root, "the cache")
+    for s in range(manifest["counts"]["shards"]):
+        if not tensors_path(root, s).is_file():
+            raise CacheIncompleteError(f"{tensors_path(root, s)}: shard file missing; delete {root} and prepare it again")
+    return manifest
+
+
+def build_manifest(cfg: Config, components: Components, root: Path, identity: dict, source) -> dict:
+    """Summarise the committed shards (so a resumed build writes the same manifest as an uninterrupted one)."""
+    shards = committed_shards(root)
+    metas = [shard_meta(root, s) for s in range(shards)]
+    index = read_index(root, shards, ["label", "k"])
+    items = index.num_rows
+    skipped = [s for m in metas for s in m["skipped"]]
+    if items == 0:
+        read = sum(m["source_items"] for m in metas)
+        reasons = "; ".join(f"{s['source_id']}: {s['reason']}" for s in skipped[:5])
+        raise DataError(f"no usable items in data.source ({source.describe()}): {read} read, {len(skipped)} skipped" + (f" ({reasons})" if reasons else ""))
+    k = index.column("k")[0].as_py()
+    ties = int(pc.sum(pc.equal(index.column("label"), 0.5)).as_py() or 0)
+    empty = load_file(str(root / TEXT_EMPTY))
+    vae = components.vae.config
+    ident = dict(identity)
+    ident["_source_config"] = cfg.data.source.model_dump(mode="json")
+    return {
+        "format_version": identity["format_version"],
+        "complete": True,
+        "fingerprint": json_digest(identity),
+        "identity": ident,
+        "model": {
+            "pretrained": cfg.model.pretrained,
+            "revision": cfg.model.revision,
+            "family": components.family,
+            "vae": cfg.model.vae or f"{cfg.model.pretrained} (vae subfolder)",
+            "scaling_factor": float(vae.scaling_factor),
+            "shift_factor": None if vae.get("shift_factor") is None else float(vae.shift_factor),
+            "text_encoders": identity.get("model.text_encoders"),
+            "prompt_embeds_shape": list(empty["prompt_embeds"].shape),
+            "pooled_dim": int(empty["pooled"].shape[-1]) if "pooled" in empty else None,
+            "vae_encode_dtype": str(vae_encode_dtype(cfg.model, cfg.train.mixed_precision)).removeprefix("torch."),
+        },
+        "latents": {
+            "dtype": cfg.data.latent_dtype,
+            "resolution": cfg.data.resolution,
+            "latent_channels": int(vae.latent_channels),
+            "latent_size": cfg.data.resolution // components.vae_scale_factor,
+            "crop": cfg.data.crop,
+            "random_flip": cfg.data.random_flip,
+            "pairing": cfg.data.pairing,
+            "seed": cfg.data.seed,
+            "time_ids": "stored per image: [original_h, original_w, crop_top, crop_left, resolution, resolution] (true size; crop in "
+            "the resized, flipped frame); data.time_ids = 'fixed' replaces them with [res, res, 0, 0, res, res] when loading",
+        },
+        "source": {"description": source.describe(), "digest": identity["data.source.digest"], "digest_method": source.digest_method},
+        "counts": {"items": items, "images": items * k, "captions": sum(m["captions"] for m in metas), "k": k, "ties": ties,
+                   "skipped": len(skipped), "source_items": sum(m["source_items"] for m in metas), "shards": shards},
+        "skipped": skipped,
+        "shard_size": cfg.data.shard_size,
+    }
+
+
+def _read_empty(root: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(root / TEXT_EMPTY))

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import run_cli, tiny_config, write_config
 
@@ -45,9 +46,11 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, demo
     # rounding error δ in a near-zero gradient to lr·δ/eps, far below the 1e-6 tolerance (1/1000 of a step)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    loss_one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-    loss_two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-    assert abs(loss_one - loss_two) < 1e-6
+    # Adam is nearly scale-invariant: also compare the all-reduced gradient (its norm) and the loss
+    row_one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
+    row_two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("loss", "grad_norm"):
+        assert row_two[key] == pytest.approx(row_one[key], rel=1e-5)
     # the per-rank RNG states were both saved into the committed checkpoint
     names = {p.name for p in (tmp_path / "two" / "checkpoints" / "step-00000001").iterdir()}
     assert {"rng-rank0.pt", "rng-rank1.pt"} <= names

@@ -39,7 +39,7 @@ def _cond(dropout=0.0):
 
 def test_winner_and_loser_share_t_noise_and_caption():
     b = _batch([3, 9, 12])
-    x = build_inputs(b, _cond(0.5), step=4, micro=0, uses_loser=True, device="cpu", dtype=torch.float32)
+    x = build_inputs(b, _cond(0.5), step=4, slots=[0, 1, 2], uses_loser=True, device="cpu", dtype=torch.float32)
     B = 3
     assert_close(x.timesteps[:B], x.timesteps[B:])
     assert_close(x.target[:B], x.target[B:])  # ε-target = the shared noise
@@ -53,7 +53,7 @@ def test_winner_and_loser_share_t_noise_and_caption():
 
 def test_caption_dropout_is_shared_and_hits_the_expected_fraction():
     b = _batch(list(range(400)), sdxl=True)
-    x = build_inputs(b, _cond(0.3), step=0, micro=0, uses_loser=True, device="cpu", dtype=torch.float32)
+    x = build_inputs(b, _cond(0.3), step=0, slots=list(range(400)), uses_loser=True, device="cpu", dtype=torch.float32)
     dropped_w = (x.encoder_hidden_states[:400].abs().sum(dim=(1, 2)) == 0)
     dropped_l = (x.encoder_hidden_states[400:].abs().sum(dim=(1, 2)) == 0)
     assert torch.equal(dropped_w, dropped_l)
@@ -62,14 +62,16 @@ def test_caption_dropout_is_shared_and_hits_the_expected_fraction():
     assert 0.22 < dropped_w.float().mean().item() < 0.38
 
 
-def test_draws_depend_on_item_not_batch_composition():
-    """Item 9 gets the same t and noise alone or in a batch (1 process × 2B == 2 processes × B)."""
-    full = build_inputs(_batch([3, 9]), _cond(), 5, 1, True, "cpu", torch.float32)
-    alone = build_inputs({k: v[1:] for k, v in _batch([3, 9]).items()}, _cond(), 5, 1, True, "cpu", torch.float32)
+def test_draws_depend_on_step_slot_and_item_not_on_how_the_batch_is_split():
+    """Item 9 at slot 1 gets the same t and noise in a micro-batch of 2 or alone (2 processes, or accumulation)."""
+    full = build_inputs(_batch([3, 9]), _cond(), 5, [0, 1], True, "cpu", torch.float32)
+    alone = build_inputs({k: v[1:] for k, v in _batch([3, 9]).items()}, _cond(), 5, [1], True, "cpu", torch.float32)
     assert_close(full.timesteps[1], alone.timesteps[0])
     assert_close(full.noisy[1], alone.noisy[0])
-    other_step = build_inputs(_batch([3, 9]), _cond(), 6, 1, True, "cpu", torch.float32)
+    other_step = build_inputs(_batch([3, 9]), _cond(), 6, [0, 1], True, "cpu", torch.float32)
     assert not torch.equal(other_step.noisy, full.noisy)
+    other_slot = build_inputs(_batch([3, 9]), _cond(), 5, [2, 3], True, "cpu", torch.float32)  # an item seen twice in a step
+    assert not torch.equal(other_slot.noisy, full.noisy)
 
 
 def test_winner_loser_from_ranks_and_ties():

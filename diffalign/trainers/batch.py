@@ -2,7 +2,8 @@
 
 Pairing invariants (research/dpo_anchors.md §1.1, §7): winner and loser share the timestep t, the
 noise ε and caption dropout; each image keeps its own SDXL time ids. Every draw comes from
-`item_generator(seed, step, micro, item_id, stream)`.
+`item_generator(seed, step, slot, item_id, stream)`, with `slots` the items' positions in the
+optimizer step's global batch.
 """
 
 from __future__ import annotations
@@ -53,14 +54,14 @@ class Conditioning:
     seed: int
 
 
-def build_inputs(batch: dict, cond: Conditioning, step: int, micro: int, uses_loser: bool, device, dtype) -> UNetInputs:
+def build_inputs(batch: dict, cond: Conditioning, step: int, slots: list[int], uses_loser: bool, device, dtype) -> UNetInputs:
     ids = batch["item_id"].tolist()
     w_idx, l_idx, label = winner_loser(batch["ranks"])
     pick = [w_idx, l_idx] if uses_loser else [w_idx]
     rows = torch.arange(len(ids))
 
     def draw(stream: str, fn):
-        return [fn(item_generator(cond.seed, step, micro, i, stream)) for i in ids]
+        return [fn(item_generator(cond.seed, step, slot, i, stream)) for slot, i in zip(slots, ids)]
 
     image_shape = batch["mean"].shape[1:]  # (K, C, h, w)
     posterior_noise = torch.stack(draw("latent", lambda g: torch.randn(image_shape, generator=g)))  # (B, K, C, h, w)

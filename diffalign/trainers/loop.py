@@ -119,6 +119,10 @@ class PreferenceTrainer:
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if cfg.model.attention == "xformers":
+            try:
+                import xformers  # noqa: F401
+            except ImportError:
+                raise TrainingError("model.attention = xformers needs xformers: pip install 'diffalign[xformers]'") from None
             unet.enable_xformers_memory_efficient_attention()
         unet.train()
         for module in (self.components.vae, *self.components.text_encoders):
@@ -187,7 +191,10 @@ class PreferenceTrainer:
 
     def micro_step(self, batch: dict, micro: int) -> dict[str, torch.Tensor]:
         acc = self.accelerator
-        inputs = build_inputs(batch, self.cond, self.step, micro, self.method.uses_loser, acc.device, self.weight_dtype)
+        b, n = self.cfg.train.batch_size, acc.num_processes
+        first = micro * b * n + acc.process_index * b  # this micro-batch's place in the step's global batch
+        slots = list(range(first, first + len(batch["item_id"])))
+        inputs = build_inputs(batch, self.cond, self.step, slots, self.method.uses_loser, acc.device, self.weight_dtype)
         with acc.autocast():
             pred = self.unet(**inputs.unet_kwargs()).sample
         model_err = per_sample_mse(pred, inputs.target)
@@ -215,6 +222,7 @@ class PreferenceTrainer:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum
             self.micro_batch += 1
+        lr = self.lr_schedule.get_last_lr()[0]  # the lr this step uses
         grad_norm = None
         if cfg.optim.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_([p for p in self.unet.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
@@ -225,7 +233,7 @@ class PreferenceTrainer:
             self.ema.step([p for p in self.unet.parameters() if p.requires_grad])
         self.step += 1
         out = {k: acc.reduce(v.detach(), reduction="mean").item() for k, v in sums.items()}
-        out["lr"] = self.lr_schedule.get_last_lr()[0]
+        out["lr"] = lr
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         return out

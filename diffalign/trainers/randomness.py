@@ -1,8 +1,9 @@
-"""Counter-based randomness: every draw is a function of (seed, step, micro-batch, item id, stream).
+"""Counter-based randomness: every draw is a function of (seed, step, slot, item id, stream).
 
-A resumed run, a re-sharded run (1 process × batch 2B or 2 processes × batch B) and an uninterrupted run
-therefore draw the same noise, timesteps, caption dropout and posterior samples for the same item at the
-same step, without saving generator states.
+`slot` is the item's position inside its optimizer step's global batch (0 .. batch × accum × processes - 1).
+A resumed run, a re-sharded run (1 process × batch 2B, 2 processes × batch B, or batch B × 2 accumulation
+steps) and an uninterrupted run therefore draw the same noise, timesteps, caption dropout and posterior
+samples for the same item at the same step, without saving generator states.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ def _seed_from(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
-def item_seed(seed: int, step: int, micro: int, item_id: int, stream: str) -> int:
-    return _seed_from(f"{seed}/{step}/{micro}/{item_id}/{stream}")
+def item_seed(seed: int, step: int, slot: int, item_id: int, stream: str) -> int:
+    return _seed_from(f"{seed}/{step}/{slot}/{item_id}/{stream}")
 
 
-def item_generator(seed: int, step: int, micro: int, item_id: int, stream: str) -> torch.Generator:
-    """A CPU generator for one item and one purpose."""
+def item_generator(seed: int, step: int, slot: int, item_id: int, stream: str) -> torch.Generator:
+    """A CPU generator for one item (at one slot of one step) and one purpose."""
     if stream not in STREAMS:
         raise ValueError(f"unknown randomness stream {stream!r}; expected one of {STREAMS}")
-    return torch.Generator().manual_seed(item_seed(seed, step, micro, item_id, stream))
+    return torch.Generator().manual_seed(item_seed(seed, step, slot, item_id, stream))
 
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:

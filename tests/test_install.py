@@ -1,0 +1,56 @@
+"""`pipelines/`, `eval/` and `configs/` install as `diffalign.pipelines`, `diffalign.eval`, `diffalign.configs`,
+in regular and editable installs alike (pyproject's package-dir mapping)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = """
+import site, sys
+site.addsitedir(sys.argv[1])
+import diffalign, diffalign.pipelines, diffalign.eval, diffalign.configs
+from importlib import resources
+names = sorted(p.name for p in resources.files("diffalign.configs").iterdir() if p.name.endswith(".yaml"))
+print(diffalign.__file__); print(diffalign.pipelines.__file__); print(diffalign.eval.__file__); print(",".join(names))
+"""
+
+
+def _copy_project(dst: Path) -> Path:
+    dst.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, dst / name)
+    for name in ("diffalign", "pipelines", "eval", "configs"):
+        shutil.copytree(REPO / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def _install_and_probe(tmp_path: Path, editable: bool) -> list[str]:
+    src = _copy_project(tmp_path / "src")
+    target = tmp_path / "site"
+    args = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    if editable:
+        args += ["-e", str(src), "--prefix", str(tmp_path / "prefix")]
+    else:
+        args += [str(src), "--target", str(target)]
+    subprocess.run(args, check=True, capture_output=True, text=True, cwd=tmp_path)
+    site_dir = next((tmp_path / "prefix").glob("lib/python*/site-packages")) if editable else target
+    # -S: no site-packages of the test environment, only the fresh install is importable
+    out = subprocess.run([sys.executable, "-S", "-c", PROBE, str(site_dir)], check=True, capture_output=True, text=True, cwd=tmp_path)
+    return out.stdout.split()
+
+
+@pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
+def test_namespace_mapping_installs(tmp_path, editable):
+    root, pipelines, evaluation, configs = _install_and_probe(tmp_path, editable)
+    home = tmp_path / "src" if editable else tmp_path / "site"
+    assert Path(root).is_relative_to(home)
+    want_pipelines = home / ("pipelines" if editable else "diffalign/pipelines") / "__init__.py"
+    want_eval = home / ("eval" if editable else "diffalign/eval") / "__init__.py"
+    assert Path(pipelines) == want_pipelines and Path(evaluation) == want_eval
+    assert {"sd15_dpo.yaml", "sdxl_dpo.yaml", "sdxl_dpo_lora.yaml", "tiny_sdxl_dpo.yaml"} <= set(configs.split(","))

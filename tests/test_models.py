@@ -1,0 +1,75 @@
+"""Model loading from local diffusers directories, family detection, offline hub ids, tokenizer, VAE dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffalign.config import ModelConfig
+from diffalign.models.loading import ModelLoadError, encode_prompts, load_components, vae_encode_dtype
+from diffalign.models.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
+
+
+@pytest.mark.parametrize("family,builder,pred", [("sdxl", tiny_sdxl_pipeline, "epsilon"), ("sd15", tiny_sd15_pipeline, "v_prediction")])
+def test_local_directory_loads_with_family_and_prediction_type(tmp_path, family, builder, pred):
+    pipe = builder(prediction_type=pred)
+    pipe.save_pretrained(tmp_path / "model")
+    c = load_components(ModelConfig(pretrained=str(tmp_path / "model")))
+    assert c.family == family and c.prediction_type == pred
+    assert len(c.text_encoders) == (2 if family == "sdxl" else 1)
+    for a, b in zip(c.unet.state_dict().values(), pipe.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    embeds, pooled = encode_prompts(c, ["a red circle"])
+    assert embeds.shape == (1, 77, 64 if family == "sdxl" else 32)
+    assert (pooled is not None) == (family == "sdxl")
+    # the configured prediction type overrides the scheduler's
+    c2 = load_components(ModelConfig(pretrained=str(tmp_path / "model"), prediction_type="epsilon"))
+    assert c2.prediction_type == "epsilon" and c2.scheduler.config.prediction_type == "epsilon"
+
+
+def test_sdxl_conditioning_is_penultimate_hidden_states_and_projected_pool():
+    c = load_components(ModelConfig())
+    ids = [tok(["a cat"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids for tok in c.tokenizers]
+    out1 = c.text_encoders[0](ids[0], output_hidden_states=True)
+    out2 = c.text_encoders[1](ids[1], output_hidden_states=True)
+    embeds, pooled = encode_prompts(c, ["a cat"])
+    torch.testing.assert_close(embeds, torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1))
+    torch.testing.assert_close(pooled, out2.text_embeds)
+
+
+def test_separate_vae_is_loaded_from_its_own_directory(tmp_path):
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "model")
+    vae = tiny_sdxl_pipeline(seed=5).vae
+    vae.save_pretrained(tmp_path / "vae")
+    c = load_components(ModelConfig(pretrained=str(tmp_path / "model"), vae=str(tmp_path / "vae")))
+    assert all(torch.equal(a, b) for a, b in zip(c.vae.state_dict().values(), vae.state_dict().values()))
+
+
+def test_offline_hub_id_not_in_cache_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelLoadError, match=r"model.pretrained: could not load .* 'no-such-org/no-such-model"):
+        load_components(ModelConfig(pretrained="no-such-org/no-such-model"))
+
+
+def test_vae_encodes_fp32_unless_a_configured_fp16_safe_vae_is_given():
+    assert vae_encode_dtype(ModelConfig(), "fp16") == torch.float32
+    assert vae_encode_dtype(ModelConfig(vae_fp16_safe=True), "fp16") == torch.float32  # no separate VAE named
+    assert vae_encode_dtype(ModelConfig(vae="madebyollin/sdxl-vae-fp16-fix", vae_fp16_safe=True), "fp16") == torch.float16
+    assert vae_encode_dtype(ModelConfig(vae="madebyollin/sdxl-vae-fp16-fix", vae_fp16_safe=True), "no") == torch.float32
+
+
+def test_tokenizer_has_the_real_clip_vocabulary():
+    import open_clip
+
+    from diffalign.models.tokenizer import build_clip_tokenizer
+
+    tok = build_clip_tokenizer()
+    assert len(tok) == 49408
+    text = ["a photograph of an astronaut riding a horse", "two red circles on a white background"]
+    ours = tok(text, padding="max_length", max_length=77, truncation=True).input_ids
+    theirs = open_clip.get_tokenizer("ViT-L-14")(text)
+    for a, b in zip(ours, theirs.tolist()):
+        n = a.index(49407) + 1
+        assert a[:n] == b[:n]
+    assert tok.decode(ours[0], skip_special_tokens=True).strip() == text[0]

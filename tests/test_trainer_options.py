@@ -1,0 +1,146 @@
+"""Trainer options on the tiny SDXL model: accumulation, schedules, optimizers, precision, EMA, SFT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config, write_config
+
+from diffalign.config import load_config
+from diffalign.io import load_safetensors
+from diffalign.trainers.loop import PreferenceTrainer, TrainingError
+
+
+def _trainer(tmp_path, demo_parquet, name, *overrides, method=None):
+    cfg = tiny_config(tmp_path, parquet=demo_parquet)
+    if method is not None:
+        cfg["method"] = method
+    cfg["train"].update(output_dir=str(tmp_path / name), checkpoint_every=0)
+    trainer = PreferenceTrainer(load_config(write_config(tmp_path / f"{name}.yaml", cfg), list(overrides)))
+    trainer.setup()
+    return trainer
+
+
+def _trainable(trainer):
+    return {n: p.detach().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad}
+
+
+def _rows(trainer):
+    return [json.loads(x) for x in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_accumulation_equals_the_larger_batch(tmp_path, demo_parquet):
+    """batch 1 × accum 2 == batch 2 × accum 1 (same items, same draws, loss averaged the same way)."""
+    common = ["train.max_steps=1", "optim.eps=1e-4", "optim.warmup_steps=0"]
+    big = _trainer(tmp_path, demo_parquet, "big", "train.batch_size=2", "train.grad_accum=1", *common)
+    big.train()
+    acc = _trainer(tmp_path, demo_parquet, "acc", "train.batch_size=1", "train.grad_accum=2", *common)
+    acc.train()
+    a, b = _trainable(big), _trainable(acc)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    # Adam is nearly scale-invariant, so also compare the accumulated gradient itself (its norm) and the loss
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in _rows(big)] == pytest.approx([r[key] for r in _rows(acc)], rel=1e-5)
+
+
+def test_warmup_schedule_is_logged_per_step(tmp_path, demo_parquet):
+    t = _trainer(tmp_path, demo_parquet, "warm", "train.max_steps=4", "optim.schedule=constant_with_warmup", "optim.warmup_steps=2", "optim.lr=1e-3")
+    t.train()
+    assert [r["lr"] for r in _rows(t)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_decaying_schedules_reach_zero(tmp_path, demo_parquet, schedule):
+    t = _trainer(tmp_path, demo_parquet, schedule, "train.max_steps=3", f"optim.schedule={schedule}", "optim.warmup_steps=1")
+    t.train()
+    lrs = [r["lr"] for r in _rows(t)]
+    assert lrs[0] == 0.0 and lrs[1] > lrs[2] > 0 and t.lr_schedule.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_scale_lr_multiplies_by_the_global_batch(tmp_path, demo_parquet):
+    t = _trainer(tmp_path, demo_parquet, "scaled", "optim.scale_lr=true", "optim.lr=1e-8", "train.batch_size=2", "train.grad_accum=3")
+    assert t.lr == pytest.approx(6e-8)
+
+
+def test_adafactor_trains(tmp_path, demo_parquet):
+    t = _trainer(tmp_path, demo_parquet, "ada", "optim.optimizer=adafactor", "train.max_steps=2")
+    before = _trainable(t)
+    t.train()
+    assert any(not torch.equal(v, before[k]) for k, v in _trainable(t).items())
+
+
+def test_adamw8bit_without_bitsandbytes_is_a_clear_error(tmp_path, demo_parquet):
+    pytest.importorskip("torch")
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes is installed: the 8-bit path is exercised by the GPU benchmarks")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"diffalign\[bnb\]"):
+        _trainer(tmp_path, demo_parquet, "bnb", "optim.optimizer=adamw8bit")
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide precision; a test that changes it resets around itself."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_keeps_lora_parameters_fp32(tmp_path, demo_parquet, fresh_accelerate_state):
+    t = _trainer(tmp_path, demo_parquet, "bf16", "train.mixed_precision=bf16", "train.max_steps=1")
+    t.train()
+    unet = t.accelerator.unwrap_model(t.unet)
+    assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
+    assert all(p.dtype == torch.bfloat16 for p in unet.parameters() if not p.requires_grad)
+    assert torch.isfinite(torch.tensor(_rows(t)[0]["loss"]))
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, demo_parquet):
+    plain = _trainer(tmp_path, demo_parquet, "plain", "train.max_steps=1")
+    plain.train()
+    ckpt = _trainer(tmp_path, demo_parquet, "gc", "train.max_steps=1", "model.gradient_checkpointing=true")
+    ckpt.train()
+    a, b = _trainable(plain), _trainable(ckpt)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_ema_is_checkpointed_and_exported(tmp_path, demo_parquet):
+    from diffalign.io import torch_load
+
+    t = _trainer(tmp_path, demo_parquet, "ema", "train.ema.enabled=true", "train.ema.decay=0.5", "train.max_steps=2")
+    t.train()
+    shadow = torch_load(t.checkpoint_root / "step-00000002" / "ema.pt")["shadow_params"]
+    raw = list(_trainable(t).values())
+    exported = load_safetensors(t.output_dir / "final" / "pytorch_lora_weights.safetensors").values()
+    # the export carries the EMA weights, not the raw ones (the live model keeps its raw weights)
+    for tensor in exported:
+        assert any(e.shape == tensor.shape and torch.equal(e.float(), tensor) for e in shadow)
+    moved = [r for r, e in zip(raw, shadow) if not torch.equal(r, e)]
+    assert len(moved) == len(raw)
+
+
+def test_sft_trains_on_winners_without_a_reference(tmp_path, demo_parquet, monkeypatch):
+    t = _trainer(tmp_path, demo_parquet, "sft", "train.max_steps=2", method={"name": "sft"})
+    monkeypatch.setattr(t, "reference_errors", lambda *_: pytest.fail("SFT must not run the reference"))
+    t.train()
+    assert set(_rows(t)[0]) >= {"loss", "model_mse"} and "ref_mse" not in _rows(t)[0]
+
+
+def test_xformers_without_the_package_is_a_clear_error(tmp_path, demo_parquet):
+    try:
+        import xformers  # noqa: F401
+
+        pytest.skip("xformers is installed")
+    except ImportError:
+        pass
+    with pytest.raises(TrainingError, match=r"diffalign\[xformers\]"):
+        _trainer(tmp_path, demo_parquet, "xf", "model.attention=xformers")

@@ -28,8 +28,13 @@ def _images(pipe, prompt="a red circle on a white background"):
     return pipe(prompt, num_inference_steps=3, height=32, width=32, generator=g, output_type="np").images
 
 
-def test_lora_sdxl_prepare_train_checkpoint_export_reload(tmp_path, demo_parquet):
-    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(tmp_path, parquet=demo_parquet, eval={"validation_every": 2, "num_inference_steps": 2}))
+FAMILIES = [("builtin:tiny-sdxl", tiny_sdxl_pipeline), ("builtin:tiny-sd15", tiny_sd15_pipeline)]
+
+
+@pytest.mark.parametrize("pretrained,builder", FAMILIES, ids=["sdxl", "sd15"])
+def test_lora_prepare_train_checkpoint_export_reload(tmp_path, demo_parquet, pretrained, builder):
+    cfg = tiny_config(tmp_path, parquet=demo_parquet, pretrained=pretrained, eval={"validation_every": 2, "num_inference_steps": 2})
+    cfg_path = write_config(tmp_path / "cfg.yaml", cfg)
     assert main(["prepare", str(cfg_path)]) == 0
     trainer = PreferenceTrainer(load_config(cfg_path))
     trainer.setup()
@@ -57,17 +62,18 @@ def test_lora_sdxl_prepare_train_checkpoint_export_reload(tmp_path, demo_parquet
 
     # the exported LoRA, loaded into a plain diffusers pipeline, reproduces the in-memory model
     in_memory = _images(build_pipeline(trainer.components, trainer.accelerator.unwrap_model(trainer.unet)))
-    plain = tiny_sdxl_pipeline()
+    plain = builder()
     plain.load_lora_weights(str(result.final_dir))
     assert_close(_images(plain), in_memory, atol=1e-5, rtol=0)
-    assert not torch.allclose(torch.from_numpy(_images(tiny_sdxl_pipeline())), torch.from_numpy(in_memory), atol=1e-4)
+    assert not torch.allclose(torch.from_numpy(_images(builder())), torch.from_numpy(in_memory), atol=1e-4)
 
 
-def test_full_finetune_sd15_keeps_reference_and_saves_unet(tmp_path, demo_parquet):
-    cfg = tiny_config(tmp_path, parquet=demo_parquet, pretrained="builtin:tiny-sd15", finetune="full", optim={"lr": 1e-4})
+@pytest.mark.parametrize("pretrained,builder", FAMILIES, ids=["sdxl", "sd15"])
+def test_full_finetune_keeps_reference_and_saves_unet(tmp_path, demo_parquet, pretrained, builder):
+    cfg = tiny_config(tmp_path, parquet=demo_parquet, pretrained=pretrained, finetune="full", optim={"lr": 1e-4})
     cfg_path = write_config(tmp_path / "cfg.yaml", cfg)
     assert main(["train", str(cfg_path), "train.max_steps=2"]) == 0
-    base = tiny_sd15_pipeline().unet.state_dict()
+    base = builder().unet.state_dict()
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "final" / "unet").state_dict()
     assert any(not torch.equal(saved[k], base[k]) for k in base)
 

@@ -144,3 +144,12 @@ def test_xformers_without_the_package_is_a_clear_error(tmp_path, demo_parquet):
         pass
     with pytest.raises(TrainingError, match=r"diffalign\[xformers\]"):
         _trainer(tmp_path, demo_parquet, "xf", "model.attention=xformers")
+
+
+def test_wandb_without_the_package_is_a_clear_error(tmp_path, demo_parquet):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    with pytest.raises(TrainingError, match=r"diffalign\[wandb\]"):
+        _trainer(tmp_path, demo_parquet, "wb", "log.tracker=wandb")

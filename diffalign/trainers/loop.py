@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import random
 import time
@@ -76,6 +77,8 @@ class PreferenceTrainer:
     def setup(self, components: Components | None = None) -> None:
         cfg = self.cfg
         tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
+        if tracker == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise TrainingError("log.tracker = wandb needs wandb: pip install 'diffalign[wandb]' (or log.tracker=tensorboard)")
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker, project_dir=str(self.output_dir / "logs"))
         acc = self.accelerator
         set_seed(cfg.train.seed)  # only for anything outside our counter-based draws (e.g. LoRA dropout)
@@ -86,7 +89,12 @@ class PreferenceTrainer:
         self.components = components or load_components(cfg.model)
         with acc.main_process_first():
             if acc.is_main_process:
+                encoders = [self.components.vae, *self.components.text_encoders]
+                for module in encoders:  # encode on the accelerator; afterwards they are needed only for validation
+                    module.to(acc.device)
                 prepare_cache(cfg, self.components, progress=cfg.log.progress)
+                for module in encoders:
+                    module.to("cpu")
         self.manifest = check_cache(cfg, self.components)
         self.dataset = LatentPairDataset(cfg.data.cache_dir, cfg.data)
         if len(self.dataset) == 0:

@@ -33,7 +33,7 @@ def _copy_project(dst: Path) -> Path:
 def _install_and_probe(tmp_path: Path, editable: bool) -> list[str]:
     src = _copy_project(tmp_path / "src")
     target = tmp_path / "site"
-    args = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    args = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "--ignore-installed"]  # never touch the running install
     if editable:
         args += ["-e", str(src), "--prefix", str(tmp_path / "prefix")]
     else:

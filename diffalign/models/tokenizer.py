@@ -9,7 +9,10 @@ file gives a `transformers.CLIPTokenizer` identical to ``openai/clip-vit-large-p
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -40,14 +43,22 @@ def _open_clip_bpe_path() -> Path:
 
 @lru_cache(maxsize=1)
 def clip_vocab_dir() -> str:
-    """Write vocab.json and merges.txt once per process; return their directory."""
-    lines = gzip.open(_open_clip_bpe_path()).read().decode("utf-8").split("\n")
+    """vocab.json and merges.txt, written once per machine into the temp dir (keyed by the BPE file's hash)."""
+    bpe = _open_clip_bpe_path().read_bytes()
+    out = Path(tempfile.gettempdir()) / f"diffalign-clip-bpe-{hashlib.sha256(bpe).hexdigest()[:16]}"
+    if (out / "merges.txt").is_file():
+        return str(out)
+    lines = gzip.decompress(bpe).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     symbols = _bytes_to_unicode()
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    out = Path(tempfile.mkdtemp(prefix="diffalign-clip-bpe-"))
-    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    staging = Path(tempfile.mkdtemp(prefix="diffalign-clip-bpe-staging-"))
+    (staging / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (staging / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    try:
+        os.replace(staging, out)  # atomic; another process may have won the race, which is fine
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
     return str(out)
 
 

@@ -106,24 +106,22 @@ class PreferenceTrainer:
         self.lora = cfg.model.finetune == "lora"
         self.reference = None
         if self.lora:
-            unet.to(acc.device)
-            if self.weight_dtype != torch.float32:  # the frozen base in half precision; LoRA stays fp32 below
-                unet.to(dtype=self.weight_dtype)
+            unet.to(acc.device, dtype=self.weight_dtype)  # the frozen base in the weight dtype (one move, no fp32 transient)
             attach_lora(unet, cfg.model.lora)
             for p in unet.parameters():  # LoRA parameters train in fp32 under mixed precision
                 if p.requires_grad:
                     p.data = p.data.float()
         else:
             unet.requires_grad_(True)
-            unet.to(acc.device)
-            if self.method.needs_reference:
+            if self.method.needs_reference:  # copied and cast on the host, then moved
                 self.reference = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype=self.weight_dtype)
                 if cfg.model.reference_offload and acc.device.type != "cpu":
                     from accelerate import cpu_offload
 
-                    cpu_offload(self.reference.to("cpu"), execution_device=acc.device)
+                    cpu_offload(self.reference, execution_device=acc.device)
                 else:
                     self.reference.to(acc.device)
+            unet.to(acc.device)
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if cfg.model.attention == "xformers":
@@ -137,7 +135,7 @@ class PreferenceTrainer:
             module.requires_grad_(False)
 
         # 3. optimizer, schedule, EMA
-        params = [p for p in unet.parameters() if p.requires_grad]
+        self.trainable = params = [p for p in unet.parameters() if p.requires_grad]
         self.lr = effective_lr(cfg.optim, cfg.train.batch_size, cfg.train.grad_accum, acc.num_processes)
         optimizer = build_optimizer(params, cfg.optim, self.lr)
         self.lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.train.max_steps)
@@ -233,12 +231,12 @@ class PreferenceTrainer:
         lr = self.lr_schedule.get_last_lr()[0]  # the lr this step uses
         grad_norm = None
         if cfg.optim.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_([p for p in self.unet.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
+            grad_norm = acc.clip_grad_norm_(self.trainable, cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.step([p for p in self.unet.parameters() if p.requires_grad])
+            self.ema.step(self.trainable)
         self.step += 1
         out = {k: acc.reduce(v.detach(), reduction="mean").item() for k, v in sums.items()}
         out["lr"] = lr
@@ -373,7 +371,7 @@ class PreferenceTrainer:
             unet = acc.unwrap_model(self.unet)
             if self.ema is not None:
                 self.ema.store(unet.parameters())
-                self.ema.copy_to([p for p in unet.parameters() if p.requires_grad])
+                self.ema.copy_to(self.trainable)
             final_dir.mkdir(parents=True, exist_ok=True)
             if self.lora:
                 save_lora(unet, final_dir, self.components.family)

@@ -54,3 +54,7 @@ def test_namespace_mapping_installs(tmp_path, editable):
     want_eval = home / ("eval" if editable else "diffalign/eval") / "__init__.py"
     assert Path(pipelines) == want_pipelines and Path(evaluation) == want_eval
     assert {"sd15_dpo.yaml", "sdxl_dpo.yaml", "sdxl_dpo_lora.yaml", "tiny_sdxl_dpo.yaml"} <= set(configs.split(","))
+    if not editable:  # every package of the source tree made it into the wheel (pyproject lists them by hand)
+        for init in (REPO / "diffalign").rglob("__init__.py"):
+            if "__pycache__" not in init.parts:
+                assert (home / init.relative_to(REPO)).is_file(), f"{init.relative_to(REPO)} missing from the install"

@@ -94,7 +94,7 @@ def sample_scene(spec: SceneSpec, seed: int) -> Scene:
     extent = rng.uniform(lo, hi)
     half = extent / 2
     if rng.random() < OFF_CENTRE_PROBABILITY:
-        cx, cy = rng.uniform(half + 0.02, 1 - half - 0.02), rng.uniform(half + 0.02, 1 - half - 0.02)
+        cx, cy = rng.uniform(half + 0.05, 1 - half - 0.05), rng.uniform(half + 0.05, 1 - half - 0.05)
     else:
         cx, cy = 0.5 + rng.uniform(-0.03, 0.03), 0.5 + rng.uniform(-0.03, 0.03)
     return Scene(spec, extent, (cx, cy))

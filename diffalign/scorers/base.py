@@ -1,0 +1,56 @@
+"""The one scorer interface: ``score(images, prompts) -> {dimension: (B,) tensor}`` and ``prefer(a, b, prompts)``.
+
+Images are a list of PIL images (each scorer applies its model's exact official preprocessing) or a float
+tensor B×3×H×W in [0, 1] (the differentiable path). Every result includes ``overall``. `prefer` returns
+P(a preferred over b) with the model's own calibration when its training loss defines one; otherwise a
+Bradley–Terry probability on the score difference, marked ``calibrated=False``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, Union, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+Images = Union[Sequence[Image.Image], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Preference:
+    prob: torch.Tensor  # (B,) P(a preferred over b)
+    calibrated: bool  # False: Bradley–Terry on score differences with an assumed temperature
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    name: str
+    dimensions: tuple[str, ...]  # the keys `score` returns; always includes "overall"
+
+    def score(self, images: Images, prompts: Sequence[str]) -> dict[str, torch.Tensor]: ...
+
+    def prefer(self, a: Images, b: Images, prompts: Sequence[str]) -> Preference: ...
+
+
+def bradley_terry(score_a: torch.Tensor, score_b: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """P(a > b) = σ((s_a - s_b) / T): the Bradley–Terry model on scores, for scorers without a calibration."""
+    return torch.sigmoid((score_a - score_b) / temperature)
+
+
+def as_uint8_arrays(images: Images) -> list[np.ndarray]:
+    """H×W×3 uint8 arrays from PIL images (converted to RGB) or a B×3×H×W tensor in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"image tensor must be B×3×H×W in [0, 1], got shape {tuple(images.shape)}")
+        arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return list(arr)
+    return [np.asarray(im.convert("RGB")) for im in images]
+
+
+def check_batch(images: Images, prompts: Sequence[str]) -> int:
+    n = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+    if n != len(prompts):
+        raise ValueError(f"{n} images but {len(prompts)} prompts")
+    return n

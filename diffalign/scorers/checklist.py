@@ -1,0 +1,95 @@
+"""VisionReward-style checklist scoring: yes/no questions, gates and linear weights, as data.
+
+Official VisionReward (THUDM/VisionReward ``inference-image.py``): each question is answered yes/no and
+mapped to a = +1 / -1; a gated question becomes 0 when its gate is answered "no" (e.g. body-correctness
+questions when there is no body); the score is ``dot(a, coef) + intercept``. Here an answer may also be a
+probability p of "yes" (a = 2p - 1), and each question belongs to a dimension, so
+
+    dimension_d = Σ_{q ∈ d} w_q · a_q,      overall = Σ_q w_q · a_q + intercept.
+
+The answers come from a pluggable `YesNoBackend`: a VLM for real images, or the toy world's measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from diffalign.scorers.base import Images, Preference, bradley_terry, check_batch
+
+
+@dataclass(frozen=True)
+class Question:
+    key: str  # short identifier, used as the result key
+    text: str  # the question as a person (or a VLM) would be asked it
+    dimension: str  # e.g. alignment, composition, quality
+    weight: float  # linear coefficient w_q
+    gate: str | None = None  # key of a question whose "no" makes this one not apply (a = 0)
+
+
+@dataclass(frozen=True)
+class Checklist:
+    name: str
+    questions: tuple[Question, ...]
+    intercept: float = 0.0
+
+    def __post_init__(self):
+        keys = [q.key for q in self.questions]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"checklist {self.name}: duplicate question keys")
+        for q in self.questions:
+            if q.gate is not None and q.gate not in keys:
+                raise ValueError(f"checklist {self.name}: question {q.key!r} is gated by unknown question {q.gate!r}")
+        clash = set(keys) & (set(self.dimensions) | {"overall"})
+        if clash:
+            raise ValueError(f"checklist {self.name}: question keys {sorted(clash)} clash with dimension names")
+
+    @property
+    def dimensions(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(q.dimension for q in self.questions))
+
+
+class YesNoBackend(Protocol):
+    def answer(self, images: Images, prompts: Sequence[str], questions: Sequence[Question]) -> torch.Tensor:
+        """(B, Q) probability of "yes" per image and question (hard answers are 0 or 1)."""
+        ...
+
+
+class ChecklistScorer:
+    """Scores images with a `Checklist` answered by a `YesNoBackend`; results per question, dimension and overall."""
+
+    def __init__(self, name: str, checklist: Checklist, backend: YesNoBackend, temperature: float = 1.0):
+        self.name, self.checklist, self.backend, self.temperature = name, checklist, backend, temperature
+        self.dimensions = ("overall", *checklist.dimensions, *(q.key for q in checklist.questions))
+
+    def answers(self, images: Images, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, Q) signed answers a ∈ [-1, 1] after gating."""
+        check_batch(images, prompts)
+        qs = self.checklist.questions
+        p_yes = self.backend.answer(images, prompts, qs).float()
+        if p_yes.shape != (len(prompts), len(qs)):
+            raise ValueError(f"backend returned shape {tuple(p_yes.shape)}, expected {(len(prompts), len(qs))}")
+        a = 2 * p_yes - 1
+        index = {q.key: i for i, q in enumerate(qs)}
+        for i, q in enumerate(qs):
+            if q.gate is not None:
+                a[:, i] = torch.where(p_yes[:, index[q.gate]] >= 0.5, a[:, i], torch.zeros_like(a[:, i]))
+        return a
+
+    def score(self, images: Images, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        a = self.answers(images, prompts)
+        qs = self.checklist.questions
+        w = torch.tensor([q.weight for q in qs], dtype=a.dtype)
+        out = {"overall": a @ w + self.checklist.intercept}
+        for dim in self.checklist.dimensions:
+            mask = torch.tensor([q.dimension == dim for q in qs], dtype=a.dtype)
+            out[dim] = a @ (w * mask)
+        for i, q in enumerate(qs):
+            out[q.key] = a[:, i]
+        return out
+
+    def prefer(self, a: Images, b: Images, prompts: Sequence[str]) -> Preference:
+        sa, sb = self.score(a, prompts)["overall"], self.score(b, prompts)["overall"]
+        return Preference(bradley_terry(sa, sb, self.temperature), calibrated=False)

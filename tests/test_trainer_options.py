@@ -153,3 +153,24 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, demo_parquet):
         pytest.skip("wandb is installed")
     with pytest.raises(TrainingError, match=r"diffalign\[wandb\]"):
         _trainer(tmp_path, demo_parquet, "wb", "log.tracker=wandb")
+
+
+def test_v_prediction_trains_against_the_velocity_target(tmp_path, demo_parquet, monkeypatch):
+    from diffalign.trainers import loop
+
+    seen = []
+    real = loop.build_inputs
+
+    def spy(*args, **kwargs):
+        inputs = real(*args, **kwargs)
+        seen.append(inputs)
+        return inputs
+
+    monkeypatch.setattr(loop, "build_inputs", spy)
+    t = _trainer(tmp_path, demo_parquet, "vpred", "model.prediction_type=v_prediction", "train.max_steps=1")
+    assert t.cond.prediction_type == "v_prediction"
+    t.train()
+    x = seen[0]
+    # v = √ᾱ·ε - √(1-ᾱ)·x0 differs from ε wherever x0 ≠ 0: the target is not the noise itself
+    assert not torch.allclose(x.target[: len(x.target) // 2], x.target[len(x.target) // 2 :])
+    assert torch.isfinite(torch.tensor(_rows(t)[0]["loss"]))

@@ -46,6 +46,14 @@ def _cmd_configs(args: argparse.Namespace) -> None:
         print(f"{name:24s} {shipped_config_path(name)}")
 
 
+def _cmd_toy_pretrain(args: argparse.Namespace) -> None:
+    from diffalign.toy.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps, batch=args.batch, threads=args.threads)
+    out = pretrain(args.out, cfg)
+    print(f"toy weights written to {out} (load with model.pretrained=builtin:toy after copying them to diffalign/toy/weights)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description="Align text-to-image diffusion models with human preferences.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     p = sub.add_parser("configs", help="list the shipped recipes")
     p.set_defaults(fn=_cmd_configs)
+    toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
+    p = toy.add_parser("pretrain", help="train the toy pipeline from scratch on procedural scenes (CPU, ~40 min)")
+    p.add_argument("--out", required=True, help="directory for the fp16 weights and pretrain.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (results reproduce for the same count)")
+    p.set_defaults(fn=_cmd_toy_pretrain)
     return parser
 
 

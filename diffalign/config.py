@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 BUILTIN_TINY_SDXL = "builtin:tiny-sdxl"
 BUILTIN_TINY_SD15 = "builtin:tiny-sd15"
+BUILTIN_TOY = "builtin:toy"
 
 
 class ConfigError(ValueError):
@@ -55,7 +56,8 @@ class ModelConfig(Section):
     pretrained: str = Field(
         BUILTIN_TINY_SDXL,
         description="Base pipeline: a local diffusers directory, a hub id (offline: must be in the local cache), "
-        f"or '{BUILTIN_TINY_SDXL}' / '{BUILTIN_TINY_SD15}' for a tiny pipeline built from config.",
+        f"'{BUILTIN_TINY_SDXL}' / '{BUILTIN_TINY_SD15}' for a tiny random pipeline built from config, or '{BUILTIN_TOY}' "
+        "for the pretrained toy-world pipeline shipped in the package.",
     )
     revision: str | None = Field(None, description="Hub revision of `pretrained` (ignored for local directories).")
     variant: str | None = Field(None, description="Weight variant to load, e.g. 'fp16'.")

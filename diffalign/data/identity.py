@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffalign.config import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, Config, ModelConfig
+from diffalign.config import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, BUILTIN_TOY, Config, ModelConfig
 from diffalign.data.digest import files_digest
 
 FORMAT_VERSION = 1
@@ -32,6 +32,10 @@ def _dir_digest(root: Path, subfolders: tuple[str, ...] | None) -> str:
 def weights_digest(model: ModelConfig) -> str:
     """Digest of the local files that the cached tensors depend on; 'builtin:...' / 'hub:<id>@<rev>' otherwise."""
     ref = model.pretrained
+    if ref == BUILTIN_TOY:  # the shipped weights: a retrain must invalidate caches built from the old ones
+        from diffalign.toy.model import WEIGHTS_DIR
+
+        return f"{ref}:{_dir_digest(WEIGHTS_DIR, None)}"
     if ref in (BUILTIN_TINY_SDXL, BUILTIN_TINY_SD15):
         return ref
     parts = []

@@ -18,7 +18,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from diffalign.config import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, ModelConfig
+from diffalign.config import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, BUILTIN_TOY, ModelConfig
+
+BUILTINS = (BUILTIN_TINY_SDXL, BUILTIN_TINY_SD15, BUILTIN_TOY)
 
 Family = Literal["sd15", "sdxl"]
 
@@ -82,24 +84,34 @@ def _unet_config(ref: str, cfg: ModelConfig) -> dict:
     return dict(_from_pretrained(UNet2DConditionModel, ref, "unet", cfg).config)
 
 
-def _builtin(cfg: ModelConfig) -> Components:
+def _builtin_pipeline(ref: str, prediction_type: str):
     from diffalign.models.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
+    if ref == BUILTIN_TINY_SDXL:
+        return tiny_sdxl_pipeline(prediction_type=prediction_type)
+    if ref == BUILTIN_TINY_SD15:
+        return tiny_sd15_pipeline(prediction_type=prediction_type)
+    from diffalign.toy.model import load_toy_pipeline
+
+    return load_toy_pipeline()
+
+
+def _builtin(cfg: ModelConfig) -> Components:
     pred = "epsilon" if cfg.prediction_type == "auto" else cfg.prediction_type
-    if cfg.pretrained == BUILTIN_TINY_SDXL:
-        p = tiny_sdxl_pipeline(prediction_type=pred)
+    p = _builtin_pipeline(cfg.pretrained, pred)
+    family = detect_family(dict(p.unet.config))
+    if family == "sdxl":
         encoders, tokenizers = [p.text_encoder, p.text_encoder_2], [p.tokenizer, p.tokenizer_2]
     else:
-        p = tiny_sd15_pipeline(prediction_type=pred)
         encoders, tokenizers = [p.text_encoder], [p.tokenizer]
-    family = detect_family(dict(p.unet.config))
+    p.scheduler.register_to_config(prediction_type=pred)
     return Components(family, p.unet, p.vae, encoders, tokenizers, p.scheduler, pred, cfg.pretrained)
 
 
 def load_components(cfg: ModelConfig) -> Components:
     """Load UNet, VAE, text encoders, tokenizers and the training noise scheduler for `cfg.pretrained`."""
     ref = cfg.pretrained
-    if ref in (BUILTIN_TINY_SDXL, BUILTIN_TINY_SD15):
+    if ref in BUILTINS:
         return _builtin(cfg)
     family = detect_family(_unet_config(ref, cfg))
     unet = _from_pretrained(UNet2DConditionModel, ref, "unet", cfg)

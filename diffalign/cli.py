@@ -3,6 +3,9 @@
     diffalign train [CONFIG] [section.key=value ...]     fine-tune (prepares the cache first if needed)
     diffalign prepare [CONFIG] [section.key=value ...]   build the latent-pair cache only
     diffalign configs                                    list the shipped recipes
+    diffalign bench toy --methods dpo --out report.json  align the toy model, report win-rates vs. base
+    diffalign demo                                       the whole loop on the embedded toy world
+    diffalign toy pretrain --out DIR                     retrain the toy model from scratch (CPU)
 
 CONFIG is a YAML path or the name of a shipped recipe (default: tiny_sdxl_dpo, the embedded tiny model).
 Multi-process: `accelerate launch -m diffalign train CONFIG ...`.
@@ -11,6 +14,7 @@ Multi-process: `accelerate launch -m diffalign train CONFIG ...`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 DEFAULT_CONFIG = "tiny_sdxl_dpo"
@@ -54,6 +58,25 @@ def _cmd_toy_pretrain(args: argparse.Namespace) -> None:
     print(f"toy weights written to {out} (load with model.pretrained=builtin:toy after copying them to diffalign/toy/weights)")
 
 
+def _bench_settings(args: argparse.Namespace):
+    from pathlib import Path
+
+    from diffalign.eval.toybench import BenchSettings
+
+    settings = BenchSettings(methods=tuple(m for m in args.methods.split(",") if m), workdir=Path(args.workdir), overrides=tuple(args.set))
+    if args.quick:  # the CI-size configuration: the direction, not the number
+        settings = dataclasses.replace(settings, train_rounds=1, eval_prompts=12, eval_seeds=2, num_inference_steps=10, max_steps=60)
+    return settings
+
+
+def _cmd_bench_toy(args: argparse.Namespace) -> None:
+    from diffalign.eval.toybench import markdown_table, run_toy_bench
+
+    report = run_toy_bench(_bench_settings(args), args.out)
+    print(markdown_table(report))
+    print(f"report: {args.out} (+ .md, .png)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description="Align text-to-image diffusion models with human preferences.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     p = sub.add_parser("configs", help="list the shipped recipes")
     p.set_defaults(fn=_cmd_configs)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    text = "train methods on the toy world and report win-rates against the base model"
+    p = bench.add_parser("toy", help=text, description=text)
+    p.add_argument("--methods", default="dpo", help="comma-separated methods (SFT on the winners is always added)")
+    p.add_argument("--out", default="outputs/bench_toy/report.json", help="report JSON path (a .md table and a .png grid beside it)")
+    p.add_argument("--workdir", default="outputs/bench_toy", help="cache and per-method outputs")
+    p.add_argument("--quick", action="store_true", help="a small configuration (minutes): checks the direction only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every method's config")
+    p.set_defaults(fn=_cmd_bench_toy)
+    p = sub.add_parser("demo", help="the whole loop on the embedded toy world: data, DPO, generation, scoring, table")
+    p.add_argument("--out", default="outputs/demo/report.json")
+    p.add_argument("--workdir", default="outputs/demo")
+    p.set_defaults(fn=_cmd_bench_toy, methods="dpo", quick=False, set=[])
     toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     p = toy.add_parser("pretrain", help="train the toy pipeline from scratch on procedural scenes (CPU, ~40 min)")
     p.add_argument("--out", required=True, help="directory for the fp16 weights and pretrain.json")

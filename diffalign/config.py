@@ -104,11 +104,105 @@ class DemoSource(Section):
     seed: int = Field(0, description="Seed of the synthetic set.")
 
 
-SourceConfig = Annotated[Union[PickapicSource, FolderSource, DemoSource], Field(discriminator="kind")]
+PROMPT_SETS = {"toy-train": "the training captions of the toy world (diffalign.toy.scenes.TRAIN)"}
+EVAL_ONLY_PROMPT_SETS = {"toy-held-out": "the toy world's held-out captions (diffalign.toy.scenes.HELD_OUT)"}
+
+
+def builtin_prompts(name: str) -> list[str]:
+    """The captions of a built-in prompt set (`PROMPT_SETS`); evaluation-only sets are refused."""
+    if name in EVAL_ONLY_PROMPT_SETS:
+        raise ValueError(
+            f"prompt set {name!r} is {EVAL_ONLY_PROMPT_SETS[name]}: held-out captions are for evaluation only and may never "
+            f"become preference data; use one of: {', '.join(PROMPT_SETS)}"
+        )
+    if name == "toy-train":
+        from diffalign.toy.scenes import TRAIN
+
+        return [spec.caption for spec in TRAIN]
+    raise ValueError(f"unknown prompt set {name!r}; built-in sets: {', '.join(PROMPT_SETS)} (or give a list of captions)")
+
+
+def _held_out_captions() -> set[str]:
+    from diffalign.toy.scenes import HELD_OUT
+
+    return {spec.caption for spec in HELD_OUT}
+
+
+class SyntheticSource(Section):
+    kind: Literal["synthetic"] = Field(
+        "synthetic",
+        description="Source type tag: sample K images per prompt from a model, score them with reward models and use the "
+        "average pairwise win-rate φ over all scorers as the per-image preference score (RankDPO's Syn-Pic recipe).",
+    )
+    prompts: Union[list[str], str] = Field(
+        ...,
+        description="The prompts: a list of captions, or the name of a built-in prompt set ('toy-train': the toy world's "
+        "training captions). Evaluation-only prompt sets and captions ('toy-held-out') are refused.",
+    )
+    num_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts (null = all).")
+    images_per_prompt: int = Field(4, ge=2, description="K: images generated per prompt (Syn-Pic: 4).")
+    scorers: list[str] = Field(
+        default_factory=lambda: ["toy-checklist"],
+        min_length=1,
+        description="Reward models by registry name (`diffalign.scorers.available()`); each scores every image, and "
+        "φ(x^i) = Σ_scorers Σ_{j≠i} ([s_i > s_j] + ½[s_i = s_j]) / (n·(K−1)). Raw per-scorer scores are stored too.",
+    )
+    num_inference_steps: int = Field(20, ge=1, description="DDIM sampling steps per image.")
+    guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale while sampling.")
+    seed: int = Field(
+        0, description="Sampling seed: image k of prompt i starts from its own generator seeded by a hash of (seed, i, k), "
+        "so the images do not depend on batching or on where a build resumed."
+    )
+    resolution: int | None = Field(
+        None, ge=8, description="Side of the generated (square) images; null = data.resolution. Must be divisible by the VAE's spatial factor."
+    )
+    model: str | None = Field(
+        None,
+        description="The generating model (a diffusers directory, a hub id or a 'builtin:' name); null = the training model "
+        "`model.pretrained` with its revision, variant and VAE (the on-policy case).",
+    )
+
+    @field_validator("prompts")
+    @classmethod
+    def _check_prompts(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str):
+            builtin_prompts(v)  # raises for unknown and evaluation-only sets
+            return v
+        if not v:
+            raise ValueError("needs at least one prompt")
+        held = _held_out_captions()
+        leaked = [p for p in v if p.strip().lower() in held]
+        if leaked:
+            raise ValueError(
+                f"{len(leaked)} prompt(s) are held-out evaluation captions (e.g. {leaked[0]!r}); held-out captions are for "
+                "evaluation only and may never become preference data"
+            )
+        return v
+
+    @field_validator("scorers")
+    @classmethod
+    def _check_scorers(cls, v: list[str]) -> list[str]:
+        from diffalign.scorers.registry import available
+
+        names = available()
+        unknown = [s for s in v if s not in names]
+        if unknown:
+            raise ValueError(f"unknown scorer(s) {', '.join(repr(s) for s in unknown)}; available: {', '.join(names)}")
+        if len(set(v)) != len(v):
+            raise ValueError("each scorer may be listed once")
+        return v
+
+    def prompt_list(self) -> list[str]:
+        """The resolved prompts, capped at `num_prompts`."""
+        prompts = builtin_prompts(self.prompts) if isinstance(self.prompts, str) else list(self.prompts)
+        return prompts[: self.num_prompts] if self.num_prompts is not None else prompts
+
+
+SourceConfig = Annotated[Union[PickapicSource, FolderSource, DemoSource, SyntheticSource], Field(discriminator="kind")]
 
 
 class DataConfig(Section):
-    source: SourceConfig = Field(default_factory=DemoSource, description="Where the preference data comes from (`kind`: pickapic, folder, demo).")
+    source: SourceConfig = Field(default_factory=DemoSource, description="Where the preference data comes from (`kind`: pickapic, folder, demo, synthetic).")
     cache_dir: str = Field("outputs/cache", description="Latent-pair cache directory written by `diffalign prepare` and read by training.")
     resolution: int = Field(64, ge=8, description="Training resolution (square): images are resized so the short side matches, then cropped.")
     crop: Literal["center", "random"] = Field("center", description="Crop policy at cache time (official: center).")
@@ -254,7 +348,7 @@ def _union_tags() -> dict[tuple[str, ...], dict[str, type[BaseModel]]]:
     """Members of each discriminated union by tag; pydantic puts the tag into error locations."""
     return {
         ("method",): {m.model_fields["name"].default: m for m in (DPOMethod, SFTMethod)},
-        ("data", "source"): {m.model_fields["kind"].default: m for m in (PickapicSource, FolderSource, DemoSource)},
+        ("data", "source"): {m.model_fields["kind"].default: m for m in (PickapicSource, FolderSource, DemoSource, SyntheticSource)},
     }
 
 
@@ -368,17 +462,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def shipped_configs() -> list[str]:
-    """Names of the recipes shipped as package data (`diffalign.configs`)."""
-    root = resources.files("diffalign.configs")
-    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+    """Names of the recipes shipped as package data (`diffalign.configs`), e.g. 'sdxl_dpo', 'toy/dpo'."""
+    root = Path(str(resources.files("diffalign.configs")))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
 def shipped_config_path(name: str) -> Path | None:
+    """The file of a shipped recipe name ('sdxl_dpo', 'toy/dpo'), or None."""
     stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
-    if "/" in stem or "\\" in stem:
-        return None
-    candidate = resources.files("diffalign.configs") / f"{stem}.yaml"
-    return Path(str(candidate)) if candidate.is_file() else None
+    return (Path(str(resources.files("diffalign.configs"))) / f"{stem}.yaml") if stem in shipped_configs() else None
 
 
 def dump_config(cfg: Config) -> str:

@@ -32,7 +32,12 @@ from diffalign.config import (
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
-CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
+CONFIG_FILES = sorted(CONFIG_DIR.rglob("*.yaml"))
+
+
+def _name(path: Path) -> str:
+    """The shipped name of a recipe file: 'sdxl_dpo', 'toy/dpo'."""
+    return str(path.relative_to(CONFIG_DIR).with_suffix(""))
 REQUIRED_RECIPES = {"sd15_dpo", "sdxl_dpo", "sdxl_dpo_lora", "tiny_sdxl_dpo"}
 
 OFFICIAL_GPUS = 16  # SalesforceAIResearch/DiffusionDPO README: "assuming 16 GPUs"
@@ -59,7 +64,7 @@ def test_shipped_set_contains_the_recipes():
 
 def test_every_file_under_configs_is_shipped():
     assert CONFIG_FILES, "no YAML under configs/"
-    assert {p.stem for p in CONFIG_FILES} == set(shipped_configs())
+    assert {_name(p) for p in CONFIG_FILES} == set(shipped_configs())
 
 
 @pytest.mark.parametrize("name", shipped_configs())
@@ -91,12 +96,12 @@ def test_yaml_opens_with_what_how_and_override(path):
     """Rule 9: the opening comment says what it trains, the exact command, an override, the β convention."""
     assert path.read_text().startswith("#"), f"{path.name} must open with a comment block"
     header = _header(path)
-    assert f"diffalign train configs/{path.name}" in header
-    assert re.search(rf"diffalign train {re.escape(path.stem)}\b", header)
+    assert f"diffalign train configs/{_name(path)}.yaml" in header
+    assert re.search(rf"diffalign train {re.escape(_name(path))}\b", header)
     assert re.search(r"beta.*sigmoid\(-beta/2", header), "the beta convention must be stated in the header"
     # The override example must be a real, valid override of this very recipe.
-    match = re.search(rf"Override:\s+diffalign train {re.escape(path.stem)} (.+)", header)
-    assert match, f"{path.name}: no 'Override: diffalign train {path.stem} key=value ...' line"
+    match = re.search(rf"Override:\s+diffalign train {re.escape(_name(path))} (.+)", header)
+    assert match, f"{path.name}: no 'Override: diffalign train {_name(path)} key=value ...' line"
     overrides = shlex.split(match.group(1))
     assert overrides and all("=" in o for o in overrides)
     load_config(path, overrides)
@@ -360,7 +365,7 @@ def test_missing_source_path_is_named(tmp_path):
 
 
 def test_missing_source_kind_is_named():
-    with pytest.raises(ConfigError, match=r"data\.source\.kind: required key is missing \(one of: pickapic, folder, demo\)"):
+    with pytest.raises(ConfigError, match=r"data\.source\.kind: required key is missing \(one of: pickapic, folder, demo, synthetic\)"):
         validate_config({"data": {"source": {"path": "x"}}})
 
 

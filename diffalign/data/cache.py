@@ -134,7 +134,8 @@ class _Builder:
             dict(item_id=item_id, source_id=item.source_id, caption=item.caption, text_shard=ts, text_row=tr,
                  latent_rows=list(range(first, first + item.k)), k=item.k,
                  time_ids=[sdxl_time_ids(p.original_size, p.crop_top_left, (self.res, self.res)) for p in result],
-                 flips=[p.flipped for p in result], label=item.label, ranks=item.ranks, scores=item.scores)
+                 flips=[p.flipped for p in result], label=item.label, ranks=item.ranks, scores=item.scores,
+                 extra_scores=item.extra_scores)
         )
         cur["pending"].extend(p.pixels for p in result)
         self._flush_pixels(everything=False)
@@ -162,7 +163,8 @@ class _Builder:
         if stop is not None:
             stream = islice(stream, max(0, stop - first))
         ahead = max(2 * d.decode_workers, d.encode_batch_size)
-        bar = tqdm(total=total, initial=min(first, total or first), unit="item", desc="caching latents", disable=not progress)
+        desc = getattr(source, "progress_desc", "caching latents")  # the synthetic source generates per item: its bar says so
+        bar = tqdm(total=total, initial=min(first, total or first), unit="item", desc=desc, disable=not progress)
         self.cur = None
         try:
             for (item_id, item), result in _ordered_map(self._decode, stream, d.decode_workers, ahead):
@@ -195,13 +197,15 @@ def prepare_cache(cfg: Config, components: Components | None = None, progress: b
     A complete cache is verified against `cfg` and left alone (`CacheMismatchError` if it differs). An
     unfinished one is resumed when its ``build.json`` matches, refused otherwise. `components` default to
     `load_components(cfg.model)` (on the GPU if there is one); the VAE encodes in
-    `vae_encode_dtype(cfg.model, cfg.train.mixed_precision)`.
+    `vae_encode_dtype(cfg.model, cfg.train.mixed_precision)`. A synthetic source whose generating model is
+    `cfg.model` samples with these components (so they must be the base model, without trained adapters)
+    instead of loading a second copy.
     """
     root = Path(cfg.data.cache_dir)
     if (root / MANIFEST).is_file():
         check_cache(cfg, components)
         return root
-    source = open_source(cfg.data.source)
+    source = open_source(cfg.data.source, cfg)
     if root.exists() and not (root / BUILD).is_file() and any(not p.name.startswith(".") for p in root.iterdir()):
         raise DataError(f"data.cache_dir: {root} exists, is not empty and is not a diffalign cache; choose another directory")
     if components is None:
@@ -216,6 +220,9 @@ def prepare_cache(cfg: Config, components: Components | None = None, progress: b
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(root / BUILD, json.dumps(build, indent=2, sort_keys=True) + "\n")
 
+    share = getattr(source, "share_components", None)
+    if share is not None:
+        share(components, cfg.model)
     vae = components.vae
     want = vae_encode_dtype(cfg.model, cfg.train.mixed_precision)
     was = vae.dtype
@@ -233,6 +240,9 @@ def prepare_cache(cfg: Config, components: Components | None = None, progress: b
     finally:
         if want != was:
             vae.to(dtype=was)
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
     manifest = build_manifest(cfg, components, root, identity, source)
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return root

@@ -10,6 +10,8 @@ Item ``i`` gives:
 - ``ranks`` (K,) int64, 0 = best: as given, else from the label (1 -> [0, 1], 0 -> [1, 0], 0.5 -> [0, 0]),
   else the dense rank of descending scores;
 - ``scores`` (K,) float32, NaN when absent.
+Raw per-scorer scores (synthetic source) are not part of an item: ``dataset.extra_scores[name]`` is an
+(len, K) float32 array aligned with the items (NaN where an item has none).
 Ties (label 0.5) are dropped unless ``data.ties = 'keep'``. Shards are opened lazily with
 ``safetensors.safe_open`` and the handles kept per process (at most `MAX_OPEN_SHARDS`, reopened after a
 fork, never pickled), so the dataset works in DataLoader workers. Caption dropout and posterior sampling belong to the trainer.
@@ -22,6 +24,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -29,7 +33,7 @@ from safetensors.torch import load_file
 from diffalign.config import DataConfig
 from diffalign.data.errors import CacheIncompleteError, CacheMismatchError, DataError
 from diffalign.data.identity import diff_identity
-from diffalign.data.manifest import MANIFEST, TEXT_EMPTY
+from diffalign.data.manifest import MANIFEST, TEXT_EMPTY, format_error
 from diffalign.data.shards import fixed_lists, read_index, tensors_path
 
 MAX_OPEN_SHARDS = 256  # per process; least recently used handles are closed beyond this
@@ -56,6 +60,9 @@ class LatentPairDataset(torch.utils.data.Dataset):
         if not manifest_path.is_file():
             raise CacheIncompleteError(f"{self.root}: no complete latent cache here (manifest.json missing); run `diffalign prepare` first")
         self.manifest = json.loads(manifest_path.read_text())
+        err = format_error(self.manifest.get("format_version"), self.root, "the cache")
+        if err is not None:
+            raise err
         ident = self.manifest["identity"]
         wanted = {k: getattr(data_cfg, k.split(".", 1)[1]) for k in _CHECKED}
         diffs = diff_identity(ident, wanted)
@@ -73,7 +80,9 @@ class LatentPairDataset(torch.utils.data.Dataset):
         self._pid = os.getpid()
 
     def _load_index(self, shards: int, keep_ties: bool) -> None:
-        t = read_index(self.root, shards, ["item_id", "text_shard", "text_row", "latent_rows", "time_ids", "label", "ranks", "scores"])
+        t = read_index(
+            self.root, shards, ["item_id", "text_shard", "text_row", "latent_rows", "time_ids", "label", "ranks", "scores", "extra_scores"]
+        )
         k = self.k
         label = t.column("label").to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> NaN
         keep = np.ones(len(label), dtype=bool) if keep_ties else ~(label == 0.5)
@@ -89,6 +98,11 @@ class LatentPairDataset(torch.utils.data.Dataset):
         self._label = label[keep].astype(np.float32)
         self._ranks = fixed_lists(t.column("ranks"), k, np.int64, -1)[keep]
         self._scores = fixed_lists(t.column("scores"), k, np.float64, np.nan)[keep].astype(np.float32)
+        extra = t.column("extra_scores").combine_chunks()
+        self.extra_scores: dict[str, np.ndarray] = {}
+        for name in sorted(pc.unique(extra.keys).to_pylist()):
+            values = pa.chunked_array([pc.map_lookup(extra, pa.scalar(name), "first")])
+            self.extra_scores[name] = fixed_lists(values, k, np.float64, np.nan)[keep].astype(np.float32)
 
     def __len__(self) -> int:
         return len(self._item_id)

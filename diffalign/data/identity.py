@@ -18,9 +18,10 @@ from typing import Any
 from diffalign.config import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, BUILTIN_TOY, Config, ModelConfig
 from diffalign.data.digest import files_digest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the index gained `extra_scores` (raw per-scorer scores); version-1 caches are refused
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
 _CACHE_SUBFOLDERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+_GENERATION_SUBFOLDERS = _CACHE_SUBFOLDERS + ("unet", "scheduler")
 
 
 def _dir_digest(root: Path, subfolders: tuple[str, ...] | None) -> str:
@@ -29,8 +30,11 @@ def _dir_digest(root: Path, subfolders: tuple[str, ...] | None) -> str:
     return files_digest(files, root)
 
 
-def weights_digest(model: ModelConfig) -> str:
-    """Digest of the local files that the cached tensors depend on; 'builtin:...' / 'hub:<id>@<rev>' otherwise."""
+def weights_digest(model: ModelConfig, generation: bool = False) -> str:
+    """Digest of the local files that the cached tensors depend on; 'builtin:...' / 'hub:<id>@<rev>' otherwise.
+
+    `generation`: also the UNet and scheduler, for a model that samples the images (the synthetic source).
+    """
     ref = model.pretrained
     if ref == BUILTIN_TOY:  # the shipped weights: a retrain must invalidate caches built from the old ones
         from diffalign.toy.model import WEIGHTS_DIR
@@ -40,7 +44,7 @@ def weights_digest(model: ModelConfig) -> str:
         return ref
     parts = []
     if Path(ref).is_dir():
-        sub = tuple(s for s in _CACHE_SUBFOLDERS if not (model.vae and s == "vae"))
+        sub = tuple(s for s in (_GENERATION_SUBFOLDERS if generation else _CACHE_SUBFOLDERS) if not (model.vae and s == "vae"))
         parts.append(_dir_digest(Path(ref), sub))
     else:
         parts.append(f"hub:{ref}@{model.revision or 'main'}")

@@ -6,7 +6,9 @@ identity); ``identity`` (the compared fields, see `diffalign.data.identity`); ``
 VAE ref, scaling factor, text encoders, embedding shapes, VAE encode dtype); ``latents`` (dtype,
 resolution, latent size, crop, flip, pairing, seed, time-ids policy); ``source`` (description, digest
 and how the digest is computed); ``counts`` (items, images, captions, K, ties, skipped, source items,
-shards); ``skipped`` (source_id and reason of every skipped item) and ``shard_size``.
+shards); ``skipped`` (source_id and reason of every skipped item); ``extra_scores`` (names of the scorers
+whose raw per-image scores the index holds; the synthetic source's settings and scorers are in
+``source.description``) and ``shard_size``. A cache of another ``format_version`` is refused by name.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from safetensors.torch import load_file
 from diffalign.config import Config
 from diffalign.data.digest import json_digest
 from diffalign.data.errors import CacheIncompleteError, CacheMismatchError, DataError
-from diffalign.data.identity import components_identity, config_identity, diff_identity
+from diffalign.data.identity import FORMAT_VERSION, components_identity, config_identity, diff_identity
 from diffalign.data.shards import committed_shards, read_index, shard_meta, tensors_path
 from diffalign.data.sources import open_source
 from diffalign.models.loading import Components, vae_encode_dtype
@@ -34,7 +36,7 @@ TEXT_EMPTY = "text_empty.safetensors"
 def _source_identity(cfg: Config, source=None, strict: bool = True) -> dict:
     """``data.source.digest`` of the configured source; without a reachable source (strict=False) its description."""
     try:
-        source = source or open_source(cfg.data.source)
+        source = source or open_source(cfg.data.source, cfg)
     except DataError as e:
         if strict:
             raise
@@ -59,7 +61,24 @@ def read_json(path: Path) -> dict:
         raise CacheIncompleteError(f"{path}: unreadable ({e}); delete the cache directory and prepare it again") from None
 
 
+FORMAT_HISTORY = "version 2 added the index column `extra_scores` (raw per-scorer scores)"
+
+
+def format_error(version, root: Path, what: str) -> CacheMismatchError | None:
+    """The error for a cache written in another on-disk format (None when `version` is the current one)."""
+    if version == FORMAT_VERSION:
+        return None
+    return CacheMismatchError(
+        f"{what} at {root} is in cache format version {version}, but this diffalign reads version {FORMAT_VERSION} "
+        f"({FORMAT_HISTORY}); delete the directory (or choose another data.cache_dir) and run `diffalign prepare` again"
+    )
+
+
 def compare_identity(cached: dict, expected: dict, root: Path, what: str) -> None:
+    if "format_version" in expected:
+        err = format_error(cached.get("format_version"), root, what)
+        if err is not None:
+            raise err
     cached = dict(cached)
     if "data.source.config" in expected:  # source unreachable: compare what the manifest recorded of its config
         cached["data.source.config"] = cached.get("_source_config")
@@ -94,7 +113,7 @@ def build_manifest(cfg: Config, components: Components, root: Path, identity: di
     """Summarise the committed shards (so a resumed build writes the same manifest as an uninterrupted one)."""
     shards = committed_shards(root)
     metas = [shard_meta(root, s) for s in range(shards)]
-    index = read_index(root, shards, ["label", "k"])
+    index = read_index(root, shards, ["label", "k", "extra_scores"])
     items = index.num_rows
     skipped = [s for m in metas for s in m["skipped"]]
     if items == 0:
@@ -140,6 +159,7 @@ def build_manifest(cfg: Config, components: Components, root: Path, identity: di
         "counts": {"items": items, "images": items * k, "captions": sum(m["captions"] for m in metas), "k": k, "ties": ties,
                    "skipped": len(skipped), "source_items": sum(m["source_items"] for m in metas), "shards": shards},
         "skipped": skipped,
+        "extra_scores": sorted(pc.unique(index.column("extra_scores").combine_chunks().keys).to_pylist()),
         "shard_size": cfg.data.shard_size,
     }
 

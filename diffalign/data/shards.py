@@ -38,6 +38,8 @@ INDEX_SCHEMA = pa.schema(
         pa.field("label", pa.float64()),  # P(images[0] preferred), 0.5 = tie; null for lists
         pa.field("ranks", pa.list_(pa.int32())),  # 0 = best; null unless the source gave ranks
         pa.field("scores", pa.list_(pa.float64())),  # higher = better; null unless the source gave scores
+        # raw per-image scores of each scorer behind `scores` (synthetic source); null unless the source gave them
+        pa.field("extra_scores", pa.map_(pa.string(), pa.list_(pa.float64()))),
     ]
 )
 

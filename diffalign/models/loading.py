@@ -183,6 +183,7 @@ def build_pipeline(components: Components, unet: UNet2DConditionModel | None = N
             tokenizer_2=components.tokenizers[1],
             unet=unet,
             scheduler=scheduler,
+            add_watermarker=False,  # an invisible watermark would alter images that are scored and compared
         )
     return StableDiffusionPipeline(
         vae=components.vae,

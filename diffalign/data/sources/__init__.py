@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
-from diffalign.config import DemoSource, FolderSource, PickapicSource
+from typing import TYPE_CHECKING
+
+from diffalign.config import DemoSource, FolderSource, PickapicSource, SyntheticSource
+from diffalign.data.errors import DataError
 from diffalign.data.sources.base import Source, SourceItem, validate_item
 from diffalign.data.sources.demo import DemoPairs, write_demo_parquet
 from diffalign.data.sources.folder import FolderJsonl
 from diffalign.data.sources.pickapic import PickapicParquet
+from diffalign.data.sources.synthetic import SyntheticGenerator, win_rate_phi
+
+if TYPE_CHECKING:
+    from diffalign.config import Config
 
 
-def open_source(cfg: PickapicSource | FolderSource | DemoSource) -> Source:
-    """The source described by `data.source`; raises `DataError` for missing paths or columns."""
+def open_source(cfg: PickapicSource | FolderSource | DemoSource | SyntheticSource, config: "Config | None" = None) -> Source:
+    """The source described by `data.source`; raises `DataError` for missing paths or columns.
+
+    `config` (the whole config) is needed by the synthetic source: its default generating model is
+    `model` and its default resolution `data.resolution`. Opening a source loads no model.
+    """
     if isinstance(cfg, PickapicSource):
         return PickapicParquet(cfg.path)
     if isinstance(cfg, FolderSource):
         return FolderJsonl(cfg.root, cfg.jsonl)
     if isinstance(cfg, DemoSource):
         return DemoPairs(cfg.num_pairs, cfg.image_size, cfg.seed)
+    if isinstance(cfg, SyntheticSource):
+        if config is None:
+            raise DataError("data.source: the synthetic source needs the whole config (call open_source(cfg.data.source, cfg))")
+        return SyntheticGenerator(cfg, config.model, config.data.resolution)
     raise TypeError(f"unknown source config {type(cfg).__name__}")
 
 
-__all__ = ["DemoPairs", "FolderJsonl", "PickapicParquet", "Source", "SourceItem", "open_source", "validate_item", "write_demo_parquet"]
+__all__ = [
+    "DemoPairs",
+    "FolderJsonl",
+    "PickapicParquet",
+    "Source",
+    "SourceItem",
+    "SyntheticGenerator",
+    "open_source",
+    "validate_item",
+    "win_rate_phi",
+    "write_demo_parquet",
+]

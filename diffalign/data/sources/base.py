@@ -19,6 +19,8 @@ class SourceItem:
     - `label`: K = 2 only, P(images[0] preferred); 0.5 is a tie.
     - `ranks`: per image, 0 = best (equal ranks are ties).
     - `scores`: per image, higher = better.
+    - `extra_scores`: optional raw per-image scores by scorer name, kept beside the signal for analysis
+      (the synthetic source's `scores` are win-rates computed from them); not a preference signal itself.
     At least one of label / ranks / scores is set (`validate_item` checks it).
     """
 
@@ -28,6 +30,7 @@ class SourceItem:
     label: float | None = None
     ranks: list[int] | None = None
     scores: list[float] | None = None
+    extra_scores: dict[str, list[float]] | None = None
 
     @property
     def k(self) -> int:
@@ -85,4 +88,13 @@ def validate_item(item: SourceItem, where: str | None = None) -> SourceItem:
         if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) for s in item.scores):
             raise bad(f"'scores' must be finite numbers (higher = better), got {item.scores!r}")
         item.scores = [float(s) for s in item.scores]
+    if item.extra_scores is not None:
+        if not isinstance(item.extra_scores, dict) or not all(isinstance(n, str) and n for n in item.extra_scores):
+            raise bad(f"'extra_scores' must map scorer names to lists of {k} numbers, got {item.extra_scores!r:.80}")
+        for name, values in item.extra_scores.items():
+            if not isinstance(values, list) or len(values) != k or any(
+                isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) for s in values
+            ):
+                raise bad(f"'extra_scores[{name!r}]' must be a list of {k} finite numbers, got {values!r}")
+        item.extra_scores = {n: [float(s) for s in v] for n, v in item.extra_scores.items()}
     return item

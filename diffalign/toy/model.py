@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from diffalign.models.loading import ModelLoadError
 from diffalign.models.tiny import SD_SCHEDULER
 from diffalign.models.tokenizer import build_clip_tokenizer
 
@@ -65,7 +66,7 @@ def load_toy_pipeline(weights: str | Path = WEIGHTS_DIR) -> StableDiffusionXLPip
     """The pretrained toy pipeline (fp16 safetensors in the package, loaded as fp32)."""
     weights = Path(weights)
     if not (weights / "unet" / "config.json").is_file():
-        raise FileNotFoundError(f"no toy weights at {weights}; run `diffalign toy pretrain --out {weights}`")
+        raise ModelLoadError(f"model.pretrained: no toy weights at {weights}; run `diffalign toy pretrain --out {weights}`")
     kw = dict(variant="fp16", torch_dtype=torch.float32)
     return _assemble(
         UNet2DConditionModel.from_pretrained(weights / "unet", **kw),

@@ -1,7 +1,7 @@
-"""The built-in synthetic preference set: PIL-drawn scenes captioned by a tiny grammar.
+"""The built-in synthetic preference set: toy-world scenes (`diffalign.toy.scenes`) and their captions.
 
-Caption: "a {colour} {shape} on a {background} background". The preferred image draws the scene as
-captioned; the other draws the same shape, place and size in a wrong colour. Which of the two comes
+The preferred image draws the scene as captioned; the other draws the same shape, place and size in a
+wrong colour. Which of the two comes
 first is random, and `label` (P(images[0] preferred)) says which. Everything is a pure function of
 (seed, index), so the set is identical on every machine. Images are JPEG (quality 95) bytes, as in
 Pick-a-Pic; `write_demo_parquet` writes the very same pairs as a Pick-a-Pic-format parquet.
@@ -9,6 +9,7 @@ Pick-a-Pic; `write_demo_parquet` writes the very same pairs as a Pick-a-Pic-form
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import random
@@ -17,22 +18,12 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
 
 from diffalign.data.digest import json_digest
 from diffalign.data.sources.base import SourceItem
+from diffalign.toy.scenes import COLOURS, Scene, all_specs, render, sample_scene
 
-VERSION = 1  # bump when the drawing changes, so old caches are refused
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (30, 60, 220),
-    "yellow": (240, 210, 20),
-    "purple": (140, 40, 170),
-    "orange": (245, 130, 20),
-}
-SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+VERSION = 2  # bump when the drawing changes, so old caches are refused (2: drawn by diffalign.toy.scenes)
 
 
 def _rng(seed: int, index: int) -> random.Random:
@@ -40,38 +31,22 @@ def _rng(seed: int, index: int) -> random.Random:
     return random.Random(int.from_bytes(digest, "little"))
 
 
-def _draw(size: int, shape: str, colour: tuple, background: tuple, box: tuple) -> bytes:
-    im = Image.new("RGB", (size, size), background)
-    d = ImageDraw.Draw(im)
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        d.ellipse(box, fill=colour)
-    elif shape == "square":
-        d.rectangle(box, fill=colour)
-    else:
-        d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
+def _jpeg(scene: Scene, size: int) -> bytes:
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=95)
+    render(scene, size).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
 
 
 def demo_pair(index: int, image_size: int = 64, seed: int = 0) -> tuple[str, bytes, bytes, float]:
-    """(caption, jpg_0, jpg_1, label_0) of pair `index`."""
+    """(caption, jpg_0, jpg_1, label_0) of pair `index`: a toy scene as captioned vs. the same scene in a wrong colour."""
     r = _rng(seed, index)
-    colour = r.choice(list(COLOURS))
-    shape = r.choice(SHAPES)
-    background = r.choice(list(BACKGROUNDS))
-    wrong = r.choice([c for c in COLOURS if c != colour])
-    side = r.uniform(0.35, 0.6) * image_size
-    cx = r.uniform(side / 2, image_size - side / 2)
-    cy = r.uniform(side / 2, image_size - side / 2)
-    box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-    good = _draw(image_size, shape, COLOURS[colour], BACKGROUNDS[background], box)
-    bad = _draw(image_size, shape, COLOURS[wrong], BACKGROUNDS[background], box)
-    caption = f"a {colour} {shape} on a {background} background"
+    spec = r.choice(all_specs())
+    scene = sample_scene(spec, r.randrange(1 << 30))
+    wrong = dataclasses.replace(scene, spec=dataclasses.replace(spec, colour=r.choice([c for c in COLOURS if c != spec.colour])))
+    good, bad = _jpeg(scene, image_size), _jpeg(wrong, image_size)
     if r.random() < 0.5:
-        return caption, good, bad, 1.0
-    return caption, bad, good, 0.0
+        return spec.caption, good, bad, 1.0
+    return spec.caption, bad, good, 0.0
 
 
 class DemoPairs:

@@ -281,7 +281,10 @@ class OptimConfig(Section):
 
 class EMAConfig(Section):
     enabled: bool = Field(False, description="Keep an exponential moving average of the trained parameters (saved beside them).")
-    decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per optimizer step.")
+    decay: float = Field(
+        0.9999, gt=0, lt=1,
+        description="Maximum EMA decay per optimizer step (diffusers EMAModel: the decay used at step s is min(decay, (1 + s) / (10 + s))).",
+    )
 
 
 class TrainConfig(Section):

@@ -47,7 +47,7 @@ class BenchSettings:
     eval_prompts: int | None = None  # held-out captions to evaluate (None: all)
     eval_seeds: int = 4  # samples per held-out caption
     num_inference_steps: int = 20
-    guidance_scale: float = 5.0
+    guidance_scale: float = 3.0
     max_steps: int | None = None  # cap every method's training steps (quick runs)
     overrides: tuple[str, ...] = ()  # dotted overrides applied to every method's config
     seed: int = 0

@@ -63,7 +63,8 @@ def _bench_settings(args: argparse.Namespace):
 
     from diffalign.eval.toybench import BenchSettings
 
-    settings = BenchSettings(methods=tuple(m for m in args.methods.split(",") if m), workdir=Path(args.workdir), overrides=tuple(args.set))
+    settings = BenchSettings(methods=tuple(m for m in args.methods.split(",") if m), workdir=Path(args.workdir), overrides=tuple(args.set),
+                             eval_split=args.eval_split)
     if args.quick:  # the CI-size configuration: the direction, not the number
         settings = dataclasses.replace(settings, train_rounds=1, eval_prompts=12, eval_seeds=2, num_inference_steps=10, max_steps=60)
     return settings
@@ -97,11 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="outputs/bench_toy", help="cache and per-method outputs")
     p.add_argument("--quick", action="store_true", help="a small configuration (minutes): checks the direction only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every method's config")
+    p.add_argument("--eval-split", default="held_out", choices=("held_out", "train"), help="train: tune methods without looking at held-out captions")
     p.set_defaults(fn=_cmd_bench_toy)
     p = sub.add_parser("demo", help="the whole loop on the embedded toy world: data, DPO, generation, scoring, table")
     p.add_argument("--out", default="outputs/demo/report.json")
     p.add_argument("--workdir", default="outputs/demo")
-    p.set_defaults(fn=_cmd_bench_toy, methods="dpo", quick=False, set=[])
+    p.set_defaults(fn=_cmd_bench_toy, methods="dpo", quick=False, set=[], eval_split="held_out")
     toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     p = toy.add_parser("pretrain", help="train the toy pipeline from scratch on procedural scenes (CPU, ~40 min)")
     p.add_argument("--out", required=True, help="directory for the fp16 weights and pretrain.json")

@@ -44,7 +44,8 @@ class BenchSettings:
     workdir: Path = Path("outputs/bench_toy")
     train_rounds: int = 4  # synthetic ranked lists per training caption (each of K images, its own seeds)
     images_per_prompt: int = 4  # K (Syn-Pic: 4)
-    eval_prompts: int | None = None  # held-out captions to evaluate (None: all)
+    eval_split: str = "held_out"  # "held_out" for reported numbers; "train" (other seeds) to tune methods without touching held-out
+    eval_prompts: int | None = None  # captions to evaluate (None: all of the split)
     eval_seeds: int = 4  # samples per held-out caption
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
@@ -131,9 +132,12 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     scorer = load_scorer(SCORER)
-    held = HELD_OUT[: settings.eval_prompts] if settings.eval_prompts else HELD_OUT
+    if settings.eval_split not in ("held_out", "train"):
+        raise ValueError(f"eval_split must be 'held_out' or 'train', got {settings.eval_split!r}")
+    split = HELD_OUT if settings.eval_split == "held_out" else TRAIN
+    held = split[: settings.eval_prompts] if settings.eval_prompts else split
     prompts = [s.caption for s in held for _ in range(settings.eval_seeds)]
-    seeds = [10_000 + settings.seed * 1_000 + j for _ in held for j in range(settings.eval_seeds)]
+    seeds = [10_000 + settings.seed * 1_000 + j for _ in held for j in range(settings.eval_seeds)]  # unlike any synthetic-data seed
     sample_kw = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale, resolution=32)
     methods = ["sft", *(m for m in settings.methods if m != "sft")]
     report = {"settings": {**dataclasses.asdict(settings), "workdir": str(settings.workdir)}, "hashes": frozen_hashes(settings.model), "methods": {}}

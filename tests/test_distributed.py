@@ -42,10 +42,10 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, demo
     a = load_safetensors(tmp_path / "one" / "checkpoints" / "step-00000001" / "trainable.safetensors")
     b = load_safetensors(tmp_path / "two" / "checkpoints" / "step-00000001" / "trainable.safetensors")
     assert a.keys() == b.keys()
-    # all-reduce order changes rounding only. Adam's first step is lr·g/(|g| + eps): eps = 1e-4 keeps a
-    # rounding error δ in a near-zero gradient to lr·δ/eps, far below the 1e-6 tolerance (1/1000 of a step)
+    # all-reduce order changes rounding only. Adam's first step is lr·g/(|g| + eps), so a rounding error δ in a
+    # gradient moves a parameter by at most lr·δ/eps: 1e-5 (1% of one step at lr 1e-3) allows δ up to 1e-6
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     # Adam is nearly scale-invariant: also compare the all-reduced gradient (its norm) and the loss
     row_one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
     row_two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])

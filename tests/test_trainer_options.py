@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_config, write_config
 
-from diffalign.config import load_config
+from diffalign.config import ConfigError, load_config
 from diffalign.io import load_safetensors
 from diffalign.trainers.loop import PreferenceTrainer, TrainingError
 
@@ -72,16 +72,21 @@ def test_adafactor_trains(tmp_path, demo_parquet):
     assert any(not torch.equal(v, before[k]) for k, v in _trainable(t).items())
 
 
-def test_adamw8bit_without_bitsandbytes_is_a_clear_error(tmp_path, demo_parquet):
-    pytest.importorskip("torch")
-    try:
-        import bitsandbytes  # noqa: F401
+@pytest.mark.parametrize(
+    "package,override,error,extra",
+    [
+        ("bitsandbytes", "optim.optimizer=adamw8bit", ConfigError, "bnb"),
+        ("xformers", "model.attention=xformers", TrainingError, "xformers"),
+        ("wandb", "log.tracker=wandb", TrainingError, "wandb"),
+    ],
+)
+def test_an_optional_feature_without_its_package_names_the_extra(tmp_path, demo_parquet, package, override, error, extra):
+    import importlib.util
 
-        pytest.skip("bitsandbytes is installed: the 8-bit path is exercised by the GPU benchmarks")
-    except ImportError:
-        pass
-    with pytest.raises(ImportError, match=r"diffalign\[bnb\]"):
-        _trainer(tmp_path, demo_parquet, "bnb", "optim.optimizer=adamw8bit")
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here, so its absence cannot be tested")
+    with pytest.raises(error, match=rf"diffalign\[{extra}\]"):
+        _trainer(tmp_path, demo_parquet, package, override)
 
 
 @pytest.fixture
@@ -133,26 +138,6 @@ def test_sft_trains_on_winners_without_a_reference(tmp_path, demo_parquet, monke
     monkeypatch.setattr(t, "reference_errors", lambda *_: pytest.fail("SFT must not run the reference"))
     t.train()
     assert set(_rows(t)[0]) >= {"loss", "model_mse"} and "ref_mse" not in _rows(t)[0]
-
-
-def test_xformers_without_the_package_is_a_clear_error(tmp_path, demo_parquet):
-    try:
-        import xformers  # noqa: F401
-
-        pytest.skip("xformers is installed")
-    except ImportError:
-        pass
-    with pytest.raises(TrainingError, match=r"diffalign\[xformers\]"):
-        _trainer(tmp_path, demo_parquet, "xf", "model.attention=xformers")
-
-
-def test_wandb_without_the_package_is_a_clear_error(tmp_path, demo_parquet):
-    import importlib.util
-
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed")
-    with pytest.raises(TrainingError, match=r"diffalign\[wandb\]"):
-        _trainer(tmp_path, demo_parquet, "wb", "log.tracker=wandb")
 
 
 def test_v_prediction_trains_against_the_velocity_target(tmp_path, demo_parquet, monkeypatch):

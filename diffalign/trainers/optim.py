@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.optimization import get_scheduler
 
-from diffalign.config import OptimConfig
+from diffalign.config import ConfigError, OptimConfig
 
 
 def effective_lr(cfg: OptimConfig, batch_size: int, grad_accum: int, num_processes: int) -> float:
@@ -20,7 +20,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, lr: floa
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ImportError("optim.optimizer = adamw8bit needs bitsandbytes: pip install 'diffalign[bnb]'") from None
+            raise ConfigError("optim.optimizer = adamw8bit needs bitsandbytes: pip install 'diffalign[bnb]'") from None
         return bnb.optim.AdamW8bit(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     from transformers.optimization import Adafactor
 

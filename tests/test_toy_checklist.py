@@ -136,7 +136,7 @@ def test_tensor_path_equals_pil_path():
 def test_scores_are_the_weighted_sum_by_dimension():
     spec = parse_caption("a red circle on a white background")
     wrong = render(centred(dataclasses.replace(spec, colour="blue")))
-    out = toy_checklist_scorer().score([wrong], [spec.caption])
+    out = toy_checklist_scorer(graded=False).score([wrong], [spec.caption])
     # colour (weight .2) is -1, every other answer +1: overall = 1 - 2·0.2 = 0.6; alignment = .6 - 2·.2 = .2
     assert out["overall"].item() == pytest.approx(0.6)
     assert out["alignment"].item() == pytest.approx(0.2)
@@ -147,7 +147,7 @@ def test_scores_are_the_weighted_sum_by_dimension():
 def test_prefer_is_bradley_terry_and_marked_uncalibrated():
     spec = parse_caption("a red circle on a white background")
     good, bad = render(centred(spec)), render(centred(dataclasses.replace(spec, colour="blue")))
-    p = toy_checklist_scorer(temperature=0.1).prefer([good], [bad], [spec.caption])
+    p = toy_checklist_scorer(temperature=0.1, graded=False).prefer([good], [bad], [spec.caption])
     assert not p.calibrated
     assert p.prob.item() == pytest.approx(torch.sigmoid(torch.tensor(0.4 / 0.1)).item())
 
@@ -179,3 +179,18 @@ def test_measure_reports_geometry():
     m = measure(np.asarray(render(Scene(spec, 0.625, (0.5, 0.5)))))
     assert m.shape == "triangle" and m.colour == "green" and m.background == "black"
     assert m.extent == pytest.approx(0.625, abs=1 / 32) and m.centre == pytest.approx((0.5, 0.5), abs=1 / 32)
+
+
+def test_graded_answers_agree_with_hard_answers_and_grade_by_distance():
+    """Graded P(yes) = σ(margin/scale) is on the same side of ½ as the hard answer, and moves smoothly."""
+    graded, hard = toy_checklist_scorer(), toy_checklist_scorer(graded=False)
+    specs = all_specs()[::5]
+    ims = [render(sample_scene(s, 2)) for s in specs]
+    caps = [s.caption for s in specs]
+    g, h = graded.answers(ims, caps), hard.answers(ims, caps)
+    assert torch.equal(g > 0, h > 0)
+    spec = parse_caption("a red circle on a white background")
+    out = graded.score([render(Scene(spec, 0.46, (x, 0.5))) for x in (0.5, 0.54, 0.6)], [spec.caption] * 3)
+    centred = out["centred"].tolist()
+    assert centred[0] > centred[1] > 0 > centred[2]  # more centred scores higher, continuously
+    assert len({round(v, 6) for v in out["overall"].tolist()}) == 3  # no ties between the three

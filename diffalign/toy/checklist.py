@@ -40,6 +40,7 @@ class Measurement:
     colour_rgb: np.ndarray | None = None
     shape: str | None = None
     shape_iou: float = 0.0
+    shape_ious: dict | None = None  # IoU of every shape template
     extent: float = 0.0
     centre: tuple[float, float] = (0.5, 0.5)
     components: int = 0
@@ -132,7 +133,7 @@ def measure(image: np.ndarray) -> Measurement:
         t = _template(shape, centre_px, side, w)
         ious[shape] = float((t & obj).sum() / max(1, (t | obj).sum()))
     m.shape = max(ious, key=ious.get)
-    m.shape_iou = ious[m.shape]
+    m.shape_iou, m.shape_ious = ious[m.shape], ious
     m.extent = side / w
     m.centre = (centre_px[0] / w, centre_px[1] / h)
     m.touches_border = bool(y0 == 0 or x0 == 0 or y1 == h or x1 == w)
@@ -147,24 +148,44 @@ def size_class(extent: float) -> str:
     return "small" if extent < SIZE_BOUNDS[0] else "large" if extent > SIZE_BOUNDS[1] else ""
 
 
-def _yes(key: str, m: Measurement, caption: str) -> bool:
+def _palette_margin(rgb: np.ndarray, asked: str, palette: dict[str, tuple[int, int, int]]) -> float:
+    """Distance to the nearest other palette entry minus distance to the asked one (> 0: asked is nearest)."""
+    d = {name: float(np.linalg.norm(rgb - np.array(c, dtype=np.float64))) for name, c in palette.items()}
+    return min(v for k, v in d.items() if k != asked) - d[asked]
+
+
+def margin(key: str, m: Measurement, caption: str) -> float:
+    """How far the measurement is on the "yes" side of the question's threshold (≥ 0: yes), in the
+    question's own unit (RGB distance, IoU, fraction of the image side, ...)."""
     spec = parse_caption(caption)
     if key == "background":
-        return m.background == spec.background
-    if key == "object":
-        return m.found
+        return _palette_margin(m.background_rgb, spec.background, BACKGROUNDS)
     if not m.found:
-        return False
-    return {
-        "colour": lambda: m.colour == spec.colour,
-        "shape": lambda: m.shape == spec.shape and m.shape_iou >= SHAPE_MIN_IOU,
-        "size": lambda: size_class(m.extent) == spec.size,
-        "centred": lambda: abs(m.centre[0] - 0.5) <= CENTRE_TOLERANCE and abs(m.centre[1] - 0.5) <= CENTRE_TOLERANCE,
-        "single": lambda: m.components == 1,
-        "inside": lambda: not m.touches_border,
-        "clean_background": lambda: m.background_noise <= BACKGROUND_NOISE and m.speck_fraction <= SPECK_FRACTION,
-        "solid_fill": lambda: m.fill_noise <= FILL_NOISE,
-    }[key]()
+        return -1.0
+    if key == "colour":
+        return _palette_margin(m.colour_rgb, spec.colour, COLOURS)
+    if key == "shape":
+        asked = m.shape_ious[spec.shape]
+        return min(asked - max(v for k, v in m.shape_ious.items() if k != spec.shape), asked - SHAPE_MIN_IOU)
+    if key == "size":
+        lo, hi = SIZE_BOUNDS
+        return {"small": lo - m.extent, "large": m.extent - hi, "": min(m.extent - lo, hi - m.extent)}[spec.size]
+    if key == "centred":
+        return CENTRE_TOLERANCE - max(abs(m.centre[0] - 0.5), abs(m.centre[1] - 0.5))
+    if key == "single":
+        return 1.0 if m.components == 1 else -1.0
+    if key == "inside":
+        return -1.0 if m.touches_border else 1.0
+    if key == "clean_background":
+        return min(BACKGROUND_NOISE - m.background_noise, (SPECK_FRACTION - m.speck_fraction) * BACKGROUND_NOISE / SPECK_FRACTION)
+    if key == "solid_fill":
+        return FILL_NOISE - m.fill_noise
+    raise KeyError(f"unknown toy checklist question {key!r}")
+
+
+# graded answers: P(yes) = σ(margin / scale), one scale per question in its margin's unit
+MARGIN_SCALE = {"colour": 10.0, "background": 10.0, "shape": 0.03, "size": 0.02, "centred": 0.02, "single": 0.2,
+                "inside": 0.2, "clean_background": 2.0, "solid_fill": 5.0}
 
 
 TOY_CHECKLIST = Checklist(
@@ -184,18 +205,27 @@ TOY_CHECKLIST = Checklist(
 
 
 class ToyMeasurementBackend:
-    """Answers the toy checklist's questions by `measure`-ing each image (hard yes/no)."""
+    """Answers the toy checklist's questions by `measure`-ing each image.
+
+    graded=True (default) gives P(yes) = σ(margin / scale), like a VLM's yes-probability: an image that is
+    barely centred scores less than a well-centred one, so scores rarely tie. graded=False gives hard
+    0/1 answers; both agree on which side of 0.5 every answer is.
+    """
+
+    def __init__(self, graded: bool = True):
+        self.graded = graded
 
     def answer(self, images: Images, prompts: Sequence[str], questions: Sequence[Question]) -> torch.Tensor:
         check_batch(images, prompts)
-        rows = []
-        for arr, prompt in zip(as_uint8_arrays(images), prompts):
-            m = measure(arr)
-            rows.append([float(_yes(q.key, m, prompt)) for q in questions])
-        return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(questions))
+        margins = [[margin(q.key, measure(arr), p) for q in questions] for arr, p in zip(as_uint8_arrays(images), prompts)]
+        margins = torch.tensor(margins, dtype=torch.float64).reshape(len(margins), len(questions))
+        if not self.graded:
+            return (margins >= 0).float()
+        scale = torch.tensor([MARGIN_SCALE[q.key] for q in questions], dtype=torch.float64)
+        return torch.sigmoid(margins / scale).float()
 
 
-def toy_checklist_scorer(temperature: float = 0.1) -> ChecklistScorer:
+def toy_checklist_scorer(temperature: float = 0.1, graded: bool = True) -> ChecklistScorer:
     """The `toy-checklist` scorer; overall ∈ [-1, 1] (weights sum to 1). `prefer` is Bradley–Terry with
     temperature 0.1 (one alignment question's swing, 0.4, gives P ≈ 0.98), marked uncalibrated."""
-    return ChecklistScorer("toy-checklist", TOY_CHECKLIST, ToyMeasurementBackend(), temperature)
+    return ChecklistScorer("toy-checklist", TOY_CHECKLIST, ToyMeasurementBackend(graded), temperature)

@@ -30,7 +30,7 @@ from diffalign.eval.winrate import win_rate
 from diffalign.models.loading import load_components
 from diffalign.models.sampling import sample_images
 from diffalign.scorers import load_scorer
-from diffalign.toy import checklist as toy_checklist
+from diffalign.scorers.registry import scorer_identity
 from diffalign.toy.checklist import TOY_CHECKLIST
 from diffalign.toy.scenes import HELD_OUT, TRAIN
 
@@ -62,11 +62,9 @@ def frozen_hashes(model: str) -> dict[str, str]:
     """What must not change while methods are tuned: base weights, scorer, held-out split."""
     from diffalign.data.identity import weights_digest
 
-    thresholds = {k: v for k, v in vars(toy_checklist).items() if k.isupper() and isinstance(v, (int, float, tuple))}
-    scorer = {"questions": [dataclasses.asdict(q) for q in TOY_CHECKLIST.questions], "intercept": TOY_CHECKLIST.intercept, "thresholds": thresholds}
     return {
         "base_weights": _digest(weights_digest(ModelConfig(pretrained=model))),
-        "scorer_config": _digest(scorer),
+        "scorer_config": _digest(scorer_identity(SCORER)),
         "held_out_split": _digest([s.caption for s in HELD_OUT]),
     }
 

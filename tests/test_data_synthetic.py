@@ -182,6 +182,7 @@ def test_images_do_not_depend_on_batching(built):
 
 def test_digest_follows_every_generation_setting(monkeypatch):
     monkeypatch.setitem(registry.FACTORIES, "test-other", registry.FACTORIES["toy-checklist"])
+    monkeypatch.setitem(registry.IDENTITIES, "test-other", registry.IDENTITIES["toy-checklist"])
 
     def digest(training: str = "builtin:tiny-sdxl", data_resolution: int = RES, **source) -> str:
         cfg = validate_config({"model": {"pretrained": training}, "data": {"source": _source(**source), "resolution": data_resolution}})
@@ -205,6 +206,9 @@ def test_digest_follows_every_generation_setting(monkeypatch):
     ]
     assert len({base, *changed}) == len(changed) + 1
     assert digest(data_resolution=64) == digest(resolution=64)  # the default resolution follows data.resolution
+    # a scorer whose configuration changed (same name) invalidates the scored cache
+    monkeypatch.setitem(registry.IDENTITIES, "toy-checklist", lambda **_: {"changed": True})
+    assert digest() != base
 
 
 class _Brightness:
@@ -218,6 +222,7 @@ class _Brightness:
 
 def test_two_scorers_end_to_end(tmp_path, sdxl, monkeypatch):
     monkeypatch.setitem(registry.FACTORIES, "test-brightness", lambda **_: _Brightness())
+    monkeypatch.setitem(registry.IDENTITIES, "test-brightness", lambda **_: {"mean pixel": 1})
     import diffalign.models.loading as loading
 
     loads: list[str] = []

@@ -22,6 +22,25 @@ FACTORIES: dict[str, Callable[..., Scorer]] = {
 }
 
 
+def _toy_checklist_identity(**options) -> dict:
+    from diffalign.toy.checklist import toy_checklist_identity
+
+    return toy_checklist_identity(options.get("graded", True))
+
+
+IDENTITIES: dict[str, Callable[..., dict]] = {
+    "toy-checklist": _toy_checklist_identity,
+}
+
+
+def scorer_identity(name: str, **options) -> dict:
+    """What decides a scorer's scores (config, thresholds, weight files), without loading its model: caches of
+    scored data record it, so a changed scorer invalidates them."""
+    if name not in FACTORIES:
+        raise ValueError(f"unknown scorer {name!r}; available: {', '.join(available())}")
+    return {"name": name, **IDENTITIES[name](**options)}
+
+
 def available() -> list[str]:
     return sorted(FACTORIES)
 

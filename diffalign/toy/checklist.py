@@ -229,3 +229,12 @@ def toy_checklist_scorer(temperature: float = 0.1, graded: bool = True) -> Check
     """The `toy-checklist` scorer; overall ∈ [-1, 1] (weights sum to 1). `prefer` is Bradley–Terry with
     temperature 0.1 (one alignment question's swing, 0.4, gives P ≈ 0.98), marked uncalibrated."""
     return ChecklistScorer("toy-checklist", TOY_CHECKLIST, ToyMeasurementBackend(graded), temperature)
+
+
+def toy_checklist_identity(graded: bool = True) -> dict:
+    """Everything that decides the toy checklist's scores: questions, weights, thresholds, grading."""
+    import dataclasses
+
+    thresholds = {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, tuple, dict)) and k != "TOY_CHECKLIST"}
+    return {"questions": [dataclasses.asdict(q) for q in TOY_CHECKLIST.questions], "intercept": TOY_CHECKLIST.intercept,
+            "thresholds": thresholds, "graded": graded}

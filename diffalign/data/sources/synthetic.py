@@ -37,6 +37,7 @@ from diffalign.data.digest import json_digest
 from diffalign.data.errors import DataError
 from diffalign.data.identity import weights_digest
 from diffalign.data.sources.base import SourceItem, validate_item
+from diffalign.scorers.registry import scorer_identity
 
 VERSION = 1  # bump when sampling or scoring changes in a way the settings do not show, so old caches are refused
 SEED_METHOD = "torch.Generator().manual_seed(blake2b-64('diffalign-synthetic\\0<seed>\\0<prompt index>\\0<k>') mod 2^63)"
@@ -100,8 +101,8 @@ class SyntheticGenerator:
 
     progress_desc = "generating, scoring and caching"
     digest_method = (
-        "sha256 of the generation settings, the prompt list's sha256, the scorer names and the generating model's refs and "
-        "weights digest (UNet included); scorer weights are identified by name only"
+        "sha256 of the generation settings, the prompt list's sha256, the scorers' identities (config, thresholds) and the "
+        "generating model's refs and weights digest (UNet included)"
     )
 
     def __init__(self, cfg: SyntheticSource, training_model: ModelConfig, data_resolution: int):
@@ -134,6 +135,7 @@ class SyntheticGenerator:
                 "prompts_sha256": json_digest(self.prompts),
                 "images_per_prompt": self.k,
                 "scorers": list(c.scorers),
+                "scorer_identities": json_digest([scorer_identity(name) for name in c.scorers]),
                 "score": PHI,
                 "num_inference_steps": c.num_inference_steps,
                 "guidance_scale": c.guidance_scale,

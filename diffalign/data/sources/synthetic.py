@@ -37,6 +37,7 @@ from diffalign.data.digest import json_digest
 from diffalign.data.errors import DataError
 from diffalign.data.identity import weights_digest
 from diffalign.data.sources.base import SourceItem, validate_item
+from diffalign.models.sampling import sample_images
 from diffalign.scorers.registry import scorer_identity
 
 VERSION = 1  # bump when sampling or scoring changes in a way the settings do not show, so old caches are refused
@@ -114,7 +115,7 @@ class SyntheticGenerator:
         self.model = training_model if cfg.model is None else ModelConfig(pretrained=cfg.model)
         self._description: dict | None = None
         self._components = None
-        self._pipe = None
+        self._loaded = False
         self._scorers: dict | None = None
         self._restore: list[tuple[torch.nn.Module, torch.device]] = []
 
@@ -161,13 +162,13 @@ class SyntheticGenerator:
 
         They must be the base model (no trained adapters). Modules moved to the GPU go back on `close()`.
         """
-        if self._pipe is not None or self._components is not None or not _same_model(self.model, model):
+        if self._loaded or self._components is not None or not _same_model(self.model, model):
             return False
         self._components = components
         return True
 
     def _load(self) -> None:
-        from diffalign.models.loading import build_pipeline, load_components
+        from diffalign.models.loading import load_components
         from diffalign.scorers.registry import load_scorer
 
         shared = self._components is not None
@@ -184,9 +185,7 @@ class SyntheticGenerator:
                     if shared:
                         self._restore.append((module, was))
                     module.to("cuda")
-        pipe = build_pipeline(c)  # (no watermark: it would alter the images being ranked)
-        pipe.set_progress_bar_config(disable=True)
-        self._components, self._pipe = c, pipe
+        self._components, self._loaded = c, True
         self._scorers = {name: load_scorer(name) for name in self.cfg.scorers}
 
     def close(self) -> None:
@@ -194,28 +193,26 @@ class SyntheticGenerator:
         for module, device in self._restore:
             module.to(device)
         self._restore = []
-        self._pipe = self._scorers = self._components = None
+        self._scorers = self._components = None
+        self._loaded = False
 
     # ------------------------------------------------------------------------------------ items
 
     def generate(self, index: int) -> list:
         """The K PIL images of prompt `index` (one pipeline call, one generator per image)."""
-        if self._pipe is None:
+        if not self._loaded:
             self._load()
         c = self.cfg
-        generators = [torch.Generator().manual_seed(image_seed(c.seed, index, k)) for k in range(self.k)]
         with _float32(self._components.vae):
-            out = self._pipe(
-                prompt=self.prompts[index],
-                num_images_per_prompt=self.k,
-                generator=generators,
+            return sample_images(
+                self._components,
+                [self.prompts[index]] * self.k,
+                [image_seed(c.seed, index, k) for k in range(self.k)],
                 num_inference_steps=c.num_inference_steps,
                 guidance_scale=c.guidance_scale,
-                height=self.resolution,
-                width=self.resolution,
-                output_type="pil",
+                resolution=self.resolution,
+                batch_size=self.k,
             )
-        return list(out.images)
 
     def score(self, images: list, caption: str, where: str) -> dict[str, list[float]]:
         """Each scorer's 'overall' score of each image."""

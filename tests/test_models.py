@@ -37,6 +37,25 @@ def test_sdxl_conditioning_is_penultimate_hidden_states_and_projected_pool():
     torch.testing.assert_close(pooled, out2.text_embeds)
 
 
+@pytest.mark.parametrize("zeros", [True, False])
+def test_guidance_uses_the_pipelines_empty_prompt_convention(tmp_path, zeros):
+    from diffalign.models.loading import build_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.register_to_config(force_zeros_for_empty_prompt=zeros)
+    pipe.save_pretrained(tmp_path / "model")
+    c = load_components(ModelConfig(pretrained=str(tmp_path / "model")))
+    assert c.zero_empty_prompt is zeros
+    with torch.no_grad():
+        _, negative, _, negative_pooled = build_pipeline(c).encode_prompt("a cat", do_classifier_free_guidance=True)
+        empty, empty_pooled = encode_prompts(c, [""])
+    if zeros:
+        assert not negative.any() and not negative_pooled.any()
+    else:
+        torch.testing.assert_close(negative, empty)
+        torch.testing.assert_close(negative_pooled, empty_pooled)
+
+
 def test_separate_vae_is_loaded_from_its_own_directory(tmp_path):
     tiny_sdxl_pipeline().save_pretrained(tmp_path / "model")
     vae = tiny_sdxl_pipeline(seed=5).vae

@@ -26,6 +26,11 @@ def test_shipped_weights_are_small_fp16_safetensors():
             assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
 
 
+def test_toy_model_guides_with_the_empty_caption_it_was_trained_on():
+    # pretraining drops captions to the encoded "" (not to zeros), so classifier-free guidance must use it
+    assert load_components(ModelConfig(pretrained="builtin:toy")).zero_empty_prompt is False
+
+
 def test_toy_model_draws_held_out_captions_the_checklist_recognises():
     torch.set_num_threads(1)
     c = load_components(ModelConfig(pretrained="builtin:toy"))

@@ -42,6 +42,10 @@ class Components:
     prediction_type: str
     source: str
     extra: dict = field(default_factory=dict)
+    # SDXL: the unconditional branch of classifier-free guidance uses zero embeddings for an empty negative
+    # prompt (diffusers' `force_zeros_for_empty_prompt`, from the pipeline's model_index.json; SDXL base:
+    # true) instead of the encoded "" caption. Must match how the model saw dropped captions in training.
+    zero_empty_prompt: bool = True
 
     @property
     def vae_scale_factor(self) -> int:
@@ -105,7 +109,16 @@ def _builtin(cfg: ModelConfig) -> Components:
     else:
         encoders, tokenizers = [p.text_encoder], [p.tokenizer]
     p.scheduler.register_to_config(prediction_type=pred)
-    return Components(family, p.unet, p.vae, encoders, tokenizers, p.scheduler, pred, cfg.pretrained)
+    zeros = bool(p.config.get("force_zeros_for_empty_prompt", True))
+    return Components(family, p.unet, p.vae, encoders, tokenizers, p.scheduler, pred, cfg.pretrained, zero_empty_prompt=zeros)
+
+
+def _zero_empty_prompt(ref: str) -> bool:
+    """`force_zeros_for_empty_prompt` from a local pipeline's model_index.json (diffusers' default: true)."""
+    index = Path(ref) / "model_index.json"
+    if index.is_file():
+        return bool(json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True))
+    return True
 
 
 def load_components(cfg: ModelConfig) -> Components:
@@ -126,7 +139,7 @@ def load_components(cfg: ModelConfig) -> Components:
     if pred not in ("epsilon", "v_prediction"):
         raise ModelLoadError(f"model.prediction_type: '{pred}' from the scheduler config is not supported (epsilon, v_prediction)")
     scheduler.register_to_config(prediction_type=pred)
-    return Components(family, unet, vae, encoders, tokenizers, scheduler, pred, ref)
+    return Components(family, unet, vae, encoders, tokenizers, scheduler, pred, ref, zero_empty_prompt=_zero_empty_prompt(ref))
 
 
 def vae_encode_dtype(cfg: ModelConfig, mixed_precision: str) -> torch.dtype:
@@ -184,6 +197,7 @@ def build_pipeline(components: Components, unet: UNet2DConditionModel | None = N
             unet=unet,
             scheduler=scheduler,
             add_watermarker=False,  # an invisible watermark would alter images that are scored and compared
+            force_zeros_for_empty_prompt=components.zero_empty_prompt,
         )
     return StableDiffusionPipeline(
         vae=components.vae,

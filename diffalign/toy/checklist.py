@@ -3,8 +3,10 @@
 Measurement (`measure`): the background colour is the median of the border pixels; object pixels are
 those far from it (RGB distance > `OBJECT_DISTANCE`); connected components are labelled (4-neighbour);
 the largest is the object. Its colour is the median of its pixels named by the nearest palette entry;
-its shape is the template (circle, square, triangle drawn in its bounding box) with the highest IoU; its
-extent is the bounding-box side over the image side; its position is the bounding-box centre.
+its shape: a triangle when the triangle drawn in its bounding box fits better (IoU) than the circle and
+the square, else a square when the corners of its bounding box are more than half filled, else a circle
+(the IoU of circle and square templates cannot tell a rounded square from a boxy circle: both near 0.8);
+its extent is the bounding-box side over the image side; its position is the bounding-box centre.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ MIN_COMPONENT_PX = 3  # smaller blobs are specks (noise), not objects
 SIZE_BOUNDS = (0.39, 0.56)  # extent below -> small, above -> large, between -> medium (scene ranges: .28-.36, .42-.52, .60-.70)
 CENTRE_TOLERANCE = 0.08  # bounding-box centre within ±8% of the image side of the middle
 SHAPE_MIN_IOU = 0.6  # below this the blob is no recognisable shape
+CORNER_PATCH = 0.25  # corner patches of the bounding box, as a fraction of its side
+CORNER_SQUARE = 0.5  # mean coverage of the four corner patches above which a round-or-square blob is a square
 BACKGROUND_NOISE = 12.0  # mean RGB distance of background pixels from the background colour
 FILL_NOISE = 30.0  # mean RGB distance of object-interior pixels from the object colour
 SPECK_FRACTION = 0.01  # stray non-background pixels outside the object, as a fraction of the image
@@ -41,6 +45,7 @@ class Measurement:
     shape: str | None = None
     shape_iou: float = 0.0
     shape_ious: dict | None = None  # IoU of every shape template
+    corner_fill: float = 0.0  # mean object coverage of the bounding box's four corner patches (square ~1, circle ~0.3)
     extent: float = 0.0
     centre: tuple[float, float] = (0.5, 0.5)
     components: int = 0
@@ -132,7 +137,11 @@ def measure(image: np.ndarray) -> Measurement:
     for shape in SHAPES:
         t = _template(shape, centre_px, side, w)
         ious[shape] = float((t & obj).sum() / max(1, (t | obj).sum()))
-    m.shape = max(ious, key=ious.get)
+    k = max(1, round(CORNER_PATCH * side))
+    filled = np.clip(coverage, 0.0, 1.0) * _grow(obj)
+    m.corner_fill = float(np.mean([filled[ys_, xs_].mean() for ys_ in (slice(y0, y0 + k), slice(y1 - k, y1))
+                                   for xs_ in (slice(x0, x0 + k), slice(x1 - k, x1))]))
+    m.shape = _classify_shape(ious, m.corner_fill)
     m.shape_iou, m.shape_ious = ious[m.shape], ious
     m.extent = side / w
     m.centre = (centre_px[0] / w, centre_px[1] / h)
@@ -142,6 +151,18 @@ def measure(image: np.ndarray) -> Measurement:
     m.speck_fraction = float((dist[background] > OBJECT_DISTANCE).sum()) / (h * w)
     m.fill_noise = float(np.linalg.norm(img[core] - m.colour_rgb, axis=-1).mean())
     return m
+
+
+def _shape_margins(ious: dict[str, float], corner_fill: float) -> dict[str, float]:
+    """Per shape, how far the blob is on the side of being that shape (> 0 for the classified one)."""
+    triangle = ious["triangle"] - max(ious["circle"], ious["square"])
+    squareness = corner_fill - CORNER_SQUARE
+    return {"triangle": triangle, "square": min(-triangle, squareness), "circle": min(-triangle, -squareness)}
+
+
+def _classify_shape(ious: dict[str, float], corner_fill: float) -> str:
+    margins = _shape_margins(ious, corner_fill)
+    return max(margins, key=margins.get)
 
 
 def size_class(extent: float) -> str:
@@ -165,8 +186,7 @@ def margin(key: str, m: Measurement, caption: str) -> float:
     if key == "colour":
         return _palette_margin(m.colour_rgb, spec.colour, COLOURS)
     if key == "shape":
-        asked = m.shape_ious[spec.shape]
-        return min(asked - max(v for k, v in m.shape_ious.items() if k != spec.shape), asked - SHAPE_MIN_IOU)
+        return min(_shape_margins(m.shape_ious, m.corner_fill)[spec.shape], m.shape_ious[spec.shape] - SHAPE_MIN_IOU)
     if key == "size":
         lo, hi = SIZE_BOUNDS
         return {"small": lo - m.extent, "large": m.extent - hi, "": min(m.extent - lo, hi - m.extent)}[spec.size]

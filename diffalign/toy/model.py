@@ -53,6 +53,7 @@ def _assemble(unet, vae, text_encoder, text_encoder_2) -> StableDiffusionXLPipel
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=build_clip_tokenizer(),
         tokenizer_2=build_clip_tokenizer(pad_token="!"), unet=unet, scheduler=DDPMScheduler(**SD_SCHEDULER),
+        force_zeros_for_empty_prompt=False,  # pretraining drops captions to the encoded "", so guidance must use it too
     )
 
 

@@ -40,7 +40,7 @@ from diffalign.data.sources.base import SourceItem, validate_item
 from diffalign.models.sampling import sample_images
 from diffalign.scorers.registry import scorer_identity
 
-VERSION = 1  # bump when sampling or scoring changes in a way the settings do not show, so old caches are refused
+VERSION = 2  # bump when sampling or scoring changes in a way the settings do not show, so old caches are refused
 SEED_METHOD = "torch.Generator().manual_seed(blake2b-64('diffalign-synthetic\\0<seed>\\0<prompt index>\\0<k>') mod 2^63)"
 PHI = "phi_i = sum over scorers and j != i of ([s_i > s_j] + 0.5 [s_i = s_j]) / (n_scorers * (K - 1))"
 SAMPLER = "DDIM (eta 0) built from the model's scheduler config (diffalign.models.loading.build_pipeline)"

@@ -7,7 +7,7 @@
     diffalign demo                                       the whole loop on the embedded toy world
     diffalign toy pretrain --out DIR                     retrain the toy model from scratch (CPU)
 
-CONFIG is a YAML path or the name of a shipped recipe (default: tiny_sdxl_dpo, the embedded tiny model).
+CONFIG is a YAML path or the name of a shipped recipe (default: toy/dpo, Diffusion-DPO on the embedded toy model).
 Multi-process: `accelerate launch -m diffalign train CONFIG ...`.
 """
 
@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import sys
 
-DEFAULT_CONFIG = "tiny_sdxl_dpo"
+DEFAULT_CONFIG = "toy/dpo"
 
 
 def _split(args: list[str]) -> tuple[str, list[str]]:
@@ -61,12 +61,12 @@ def _cmd_toy_pretrain(args: argparse.Namespace) -> None:
 def _bench_settings(args: argparse.Namespace):
     from pathlib import Path
 
-    from diffalign.eval.toybench import BenchSettings
+    from diffalign.eval.toybench import QUICK, BenchSettings
 
     settings = BenchSettings(methods=tuple(m for m in args.methods.split(",") if m), workdir=Path(args.workdir), overrides=tuple(args.set),
                              eval_split=args.eval_split)
     if args.quick:  # the CI-size configuration: the direction, not the number
-        settings = dataclasses.replace(settings, train_rounds=1, eval_prompts=12, eval_seeds=2, num_inference_steps=10, max_steps=60)
+        settings = dataclasses.replace(settings, **QUICK)
     return settings
 
 
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/bench_toy/report.json", help="report JSON path (a .md table and a .png grid beside it)")
     p.add_argument("--workdir", default="outputs/bench_toy", help="cache and per-method outputs")
     p.add_argument("--quick", action="store_true", help="a small configuration (minutes): checks the direction only")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every method's config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every method's config; METHOD:KEY=VALUE for one method (e.g. dpo:method.beta=2000)")
     p.add_argument("--eval-split", default="held_out", choices=("held_out", "train"), help="train: tune methods without looking at held-out captions")
     p.set_defaults(fn=_cmd_bench_toy)
     p = sub.add_parser("demo", help="the whole loop on the embedded toy world: data, DPO, generation, scoring, table")

@@ -54,7 +54,7 @@ class LoraConfig(Section):
 
 class ModelConfig(Section):
     pretrained: str = Field(
-        BUILTIN_TINY_SDXL,
+        BUILTIN_TOY,
         description="Base pipeline: a local diffusers directory, a hub id (offline: must be in the local cache), "
         f"'{BUILTIN_TINY_SDXL}' / '{BUILTIN_TINY_SD15}' for a tiny random pipeline built from config, or '{BUILTIN_TOY}' "
         "for the pretrained toy-world pipeline shipped in the package.",
@@ -221,6 +221,13 @@ class DataConfig(Section):
         "'fixed' = [res, res, 0, 0, res, res] as the official script.",
     )
     ties: Literal["drop", "keep"] = Field("drop", description="Pairs with label 0.5: dropped (official) or kept and trained with a soft label.")
+    min_score_gap: float = Field(
+        0.0,
+        ge=0,
+        description="Drop items whose best and worst image (the pair a pairwise method trains on) differ by less than this in raw "
+        "score: the mean over the item's scorers (synthetic source) or its `scores`. 0 keeps every item; items without scores are "
+        "an error when > 0.",
+    )
     caption_dropout: float = Field(0.0, ge=0, le=1, description="Probability an item's caption is replaced by the empty caption (shared by all its images).")
     corrupt_images: Literal["skip", "error"] = Field("skip", description="An undecodable image: skip its item (counted in the manifest) or fail.")
     latent_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Storage dtype of cached posterior mean/log-variance and text embeddings.")

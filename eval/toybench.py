@@ -42,7 +42,7 @@ class BenchSettings:
     methods: tuple[str, ...] = ("dpo",)
     model: str = BUILTIN_TOY
     workdir: Path = Path("outputs/bench_toy")
-    train_rounds: int = 4  # synthetic ranked lists per training caption (each of K images, its own seeds)
+    train_rounds: int = 16  # synthetic ranked lists per training caption (each of K images, its own seeds): 1,600 lists
     images_per_prompt: int = 4  # K (Syn-Pic: 4)
     eval_split: str = "held_out"  # "held_out" for reported numbers; "train" (other seeds) to tune methods without touching held-out
     eval_prompts: int | None = None  # captions to evaluate (None: all of the split)
@@ -50,8 +50,13 @@ class BenchSettings:
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
     max_steps: int | None = None  # cap every method's training steps (quick runs)
-    overrides: tuple[str, ...] = ()  # dotted overrides applied to every method's config
+    overrides: tuple[str, ...] = ()  # dotted overrides: "key=value" for every method's config, "dpo:key=value" for one
     seed: int = 0
+
+
+# The CI-size configuration (`diffalign bench toy --quick`, tests/test_toybench.py): one ranked list per training
+# caption, 10 DDIM steps, 100 training steps, 2 seeds per held-out caption. It shows the direction, not the number.
+QUICK = dict(train_rounds=1, eval_seeds=2, num_inference_steps=10, max_steps=100)
 
 
 def _digest(obj) -> str:
@@ -85,7 +90,19 @@ def method_config(name: str, settings: BenchSettings):
     raw.setdefault("train", {})["output_dir"] = str(settings.workdir / name)
     if settings.max_steps is not None:
         raw["train"]["max_steps"] = settings.max_steps
-    return validate_config(apply_overrides(raw, list(settings.overrides)), origin=f"{path} (bench toy)")
+    return validate_config(apply_overrides(raw, method_overrides(name, settings.overrides)), origin=f"{path} (bench toy)")
+
+
+def method_overrides(name: str, overrides: tuple[str, ...]) -> list[str]:
+    """The overrides for method `name`: unscoped ones ("optim.lr=1e-4") and those scoped to it ("dpo:method.beta=2000")."""
+    out = []
+    for o in overrides:
+        scope, sep, rest = o.partition(":")
+        if not sep or "=" in scope:  # no scope (a value may contain ':')
+            out.append(o)
+        elif scope == name:
+            out.append(rest)
+    return out
 
 
 def _scores(scorer, images, prompts) -> dict[str, torch.Tensor]:
@@ -177,6 +194,6 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     out.write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown_table(report))
     rows = min(8, len(held))
-    firsts = {k: [v[i * settings.eval_seeds] for i in range(rows)] for k, v in columns.items()}
-    _grid(firsts, rows).save(out.with_suffix(".png"))
+    shown = [i * len(held) // rows * settings.eval_seeds for i in range(rows)]  # the first seed of captions spread over the split
+    _grid({k: [v[j] for j in shown] for k, v in columns.items()}, rows).save(out.with_suffix(".png"))
     return report

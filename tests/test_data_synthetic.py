@@ -137,6 +137,32 @@ def test_prepare_writes_a_valid_cache(built, sdxl):
     check_cache(built, sdxl)  # the finished cache serves its own config
 
 
+def test_min_score_gap_drops_items_whose_pair_barely_differs(built):
+    everything = LatentPairDataset(built.data.cache_dir, built.data)
+    raw = everything.extra_scores["toy-checklist"]
+    gaps = []
+    for i in range(len(everything)):  # the trained pair: best and worst by rank (first of equals, as the trainer takes them)
+        ranks = everything[i]["ranks"].numpy()
+        best, worst = int(np.argmin(ranks)), int(len(ranks) - 1 - np.argmax(ranks[::-1]))
+        gaps.append(float(raw[i, best] - raw[i, worst]))
+    assert np.allclose(everything.score_gaps(), gaps) and min(gaps) >= 0
+    cut = float(np.median(gaps))
+    data = built.data.model_copy(update={"min_score_gap": cut})
+    kept = LatentPairDataset(built.data.cache_dir, data)
+    expect = [int(everything[i]["item_id"]) for i in range(len(everything)) if gaps[i] >= cut]
+    assert 0 < len(kept) < len(everything) and [int(kept[i]["item_id"]) for i in range(len(kept))] == expect
+    assert kept.extra_scores["toy-checklist"].shape == (len(kept), K) and (kept.score_gaps() >= cut).all()
+
+
+def test_min_score_gap_needs_scores(tmp_path):
+    from diffalign.data.errors import DataError
+
+    cfg = validate_config({"data": {"source": {"kind": "demo"}, "cache_dir": str(tmp_path / "cache"), "resolution": RES}, "model": {"pretrained": "builtin:tiny-sdxl"}})
+    prepare_cache(cfg, progress=False)
+    with pytest.raises(DataError, match="min_score_gap: item 0 .* no scores"):
+        LatentPairDataset(cfg.data.cache_dir, cfg.data.model_copy(update={"min_score_gap": 0.1}))
+
+
 def test_builds_are_deterministic_and_resume_without_regenerating(built, sdxl, tmp_path, monkeypatch):
     again = _cfg(tmp_path / "again")
     prepare_cache(again, sdxl, progress=False)

@@ -12,7 +12,8 @@ Item ``i`` gives:
 - ``scores`` (K,) float32, NaN when absent.
 Raw per-scorer scores (synthetic source) are not part of an item: ``dataset.extra_scores[name]`` is an
 (len, K) float32 array aligned with the items (NaN where an item has none).
-Ties (label 0.5) are dropped unless ``data.ties = 'keep'``. Shards are opened lazily with
+Ties (label 0.5) are dropped unless ``data.ties = 'keep'``; with ``data.min_score_gap > 0`` so are items whose
+best and worst image differ by less than that in raw score (`score_gaps`). Shards are opened lazily with
 ``safetensors.safe_open`` and the handles kept per process (at most `MAX_OPEN_SHARDS`, reopened after a
 fork, never pickled), so the dataset works in DataLoader workers. Caption dropout and posterior sampling belong to the trainer.
 """
@@ -72,37 +73,57 @@ class LatentPairDataset(torch.utils.data.Dataset):
         self.resolution = int(self.manifest["latents"]["resolution"])
         self.k = int(self.manifest["counts"]["k"])
         self.time_ids_policy = data_cfg.time_ids
-        self._load_index(int(self.manifest["counts"]["shards"]), keep_ties=data_cfg.ties == "keep")
+        self._load_index(int(self.manifest["counts"]["shards"]), keep_ties=data_cfg.ties == "keep", min_gap=data_cfg.min_score_gap)
         empty = load_file(str(self.root / TEXT_EMPTY))
         self.empty_prompt_embeds = empty["prompt_embeds"].float()
         self.empty_pooled = empty["pooled"].float() if "pooled" in empty else None
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
 
-    def _load_index(self, shards: int, keep_ties: bool) -> None:
+    def _load_index(self, shards: int, keep_ties: bool, min_gap: float) -> None:
         t = read_index(
             self.root, shards, ["item_id", "text_shard", "text_row", "latent_rows", "time_ids", "label", "ranks", "scores", "extra_scores"]
         )
         k = self.k
         label = t.column("label").to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> NaN
-        keep = np.ones(len(label), dtype=bool) if keep_ties else ~(label == 0.5)
         rows = fixed_lists(t.column("latent_rows"), k, np.int64, -1)
         if not (rows == rows[:, :1] + np.arange(k)).all():
             raise DataError(f"{self.root}: an item's latents are not on consecutive rows; the cache is damaged, prepare it again")
         tids = t.column("time_ids").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
-        self._item_id = t.column("item_id").to_numpy()[keep]
-        self._shard = t.column("shard").to_numpy()[keep]
-        self._row = rows[keep, 0]
-        self._text = np.stack([t.column("text_shard").to_numpy(), t.column("text_row").to_numpy()], 1)[keep]
-        self._time_ids = tids.reshape(-1, k, 6).astype(np.float32)[keep]
-        self._label = label[keep].astype(np.float32)
-        self._ranks = fixed_lists(t.column("ranks"), k, np.int64, -1)[keep]
-        self._scores = fixed_lists(t.column("scores"), k, np.float64, np.nan)[keep].astype(np.float32)
+        self._item_id = t.column("item_id").to_numpy()
+        self._shard = t.column("shard").to_numpy()
+        self._row = rows[:, 0]
+        self._text = np.stack([t.column("text_shard").to_numpy(), t.column("text_row").to_numpy()], 1)
+        self._time_ids = tids.reshape(-1, k, 6).astype(np.float32)
+        self._label = label.astype(np.float32)
+        self._ranks = fixed_lists(t.column("ranks"), k, np.int64, -1)
+        self._scores = fixed_lists(t.column("scores"), k, np.float64, np.nan).astype(np.float32)
         extra = t.column("extra_scores").combine_chunks()
         self.extra_scores: dict[str, np.ndarray] = {}
         for name in sorted(pc.unique(extra.keys).to_pylist()):
             values = pa.chunked_array([pc.map_lookup(extra, pa.scalar(name), "first")])
-            self.extra_scores[name] = fixed_lists(values, k, np.float64, np.nan)[keep].astype(np.float32)
+            self.extra_scores[name] = fixed_lists(values, k, np.float64, np.nan).astype(np.float32)
+        keep = np.ones(len(label), dtype=bool) if keep_ties else ~(label == 0.5)
+        if min_gap > 0:
+            gaps = self.score_gaps()
+            if np.isnan(gaps).any():
+                i = int(np.flatnonzero(np.isnan(gaps))[0])
+                raise DataError(f"data.min_score_gap: item {int(self._item_id[i])} of the cache at {self.root} has no scores to measure a gap with")
+            keep &= gaps >= min_gap
+        for name in ("_item_id", "_shard", "_row", "_text", "_time_ids", "_label", "_ranks", "_scores"):
+            setattr(self, name, getattr(self, name)[keep])
+        self.extra_scores = {name: v[keep] for name, v in self.extra_scores.items()}
+
+    def score_gaps(self) -> np.ndarray:
+        """(len,) raw score of each item's best image minus its worst's (by rank), averaged over its scorers;
+        the item's `scores` when it has no per-scorer scores; NaN when it has neither."""
+        n = len(self._item_id)
+        ranks = np.stack([self._ranks_of(i) for i in range(n)]) if n else np.zeros((0, self.k), np.int64)
+        order = np.argsort(ranks, axis=1, kind="stable")  # as the trainer pairs them (batch.winner_loser)
+        best, worst, rows = order[:, 0], order[:, -1], np.arange(n)
+        tables = list(self.extra_scores.values()) or [self._scores]
+        gaps = np.stack([t[rows, best] - t[rows, worst] for t in tables])  # (scorers, n)
+        return gaps.mean(axis=0)
 
     def __len__(self) -> int:
         return len(self._item_id)

@@ -43,8 +43,7 @@ def test_the_set_is_real_samples_with_every_question_labelled(labelled):
 def test_checklist_agrees_with_hand_labels(labelled, key):
     samples, answers = labelled
     col = QUESTIONS.index(key)
-    pairs = [(bool(answers[i, col] > 0.5), s["answers"][key]) for i, s in enumerate(samples) if s["answers"][key] is not None]
-    agreement = sum(a == b for a, b in pairs) / len(pairs)
-    wrong = [samples[i]["file"] for i, s in enumerate(samples) if s["answers"][key] is not None and bool(answers[i, col] > 0.5) != s["answers"][key]]
-    assert agreement >= 0.9, f"{key}: {agreement:.3f} agreement over {len(pairs)} labelled samples; disagreeing: {wrong}"
-
+    labelled_here = [(s["file"], bool(answers[i, col] > 0.5), s["answers"][key]) for i, s in enumerate(samples) if s["answers"][key] is not None]
+    wrong = [file for file, got, label in labelled_here if got != label]
+    agreement = 1 - len(wrong) / len(labelled_here)
+    assert agreement >= 0.9, f"{key}: {agreement:.3f} agreement over {len(labelled_here)} labelled samples; disagreeing: {wrong}"

@@ -54,3 +54,53 @@ def check_batch(images: Images, prompts: Sequence[str]) -> int:
     if n != len(prompts):
         raise ValueError(f"{n} images but {len(prompts)} prompts")
     return n
+
+
+class ModelScorer:
+    """A reward model behind the `Scorer` interface: batching, device and dtype, the PIL and tensor paths.
+
+    A subclass gives `preprocess` (PIL images -> model pixels, the official transform), `preprocess_tensor`
+    (the differentiable version) and `score_pixels` (model pixels and prompts -> {dimension: (B,)}), and
+    overrides `preference` where its training loss defines a calibration. PIL inputs are scored without
+    gradients and returned as float32 on the CPU; tensor inputs keep their graph and device.
+    """
+
+    name: str = "model"
+    dimensions: tuple[str, ...] = ("overall",)
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 16,
+                 temperature: float = 1.0):
+        self.device, self.dtype, self.batch_size, self.temperature = torch.device(device), dtype, batch_size, temperature
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def preprocess_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def score(self, images: Images, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        n = check_batch(images, prompts)
+        tensor_path = isinstance(images, torch.Tensor)
+        chunks = []
+        for i in range(0, n, self.batch_size):
+            part, texts = images[i : i + self.batch_size], list(prompts[i : i + self.batch_size])
+            if tensor_path:
+                pixels = self.preprocess_tensor(part.to(self.device, torch.float32))
+                chunks.append(self.score_pixels(pixels.to(self.dtype), texts))
+            else:
+                with torch.no_grad():
+                    pixels = self.preprocess(part).to(self.device, self.dtype)
+                    chunks.append({k: v.float().cpu() for k, v in self.score_pixels(pixels, texts).items()})
+        if not chunks:
+            return {k: torch.zeros(0) for k in self.dimensions}
+        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+    def preference(self, score_a: torch.Tensor, score_b: torch.Tensor) -> Preference:
+        """P(a > b) from two overall scores; Bradley–Terry at ``temperature`` unless the model defines one."""
+        return Preference(bradley_terry(score_a, score_b, self.temperature), calibrated=False)
+
+    def prefer(self, a: Images, b: Images, prompts: Sequence[str]) -> Preference:
+        return self.preference(self.score(a, prompts)["overall"], self.score(b, prompts)["overall"])

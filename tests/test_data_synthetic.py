@@ -207,8 +207,7 @@ def test_images_do_not_depend_on_batching(built):
 
 
 def test_digest_follows_every_generation_setting(monkeypatch):
-    monkeypatch.setitem(registry.FACTORIES, "test-other", registry.FACTORIES["toy-checklist"])
-    monkeypatch.setitem(registry.IDENTITIES, "test-other", registry.IDENTITIES["toy-checklist"])
+    monkeypatch.setitem(registry.REGISTRY, "test-other", registry.REGISTRY["toy-checklist"])
 
     def digest(training: str = "builtin:tiny-sdxl", data_resolution: int = RES, **source) -> str:
         cfg = validate_config({"model": {"pretrained": training}, "data": {"source": _source(**source), "resolution": data_resolution}})
@@ -233,7 +232,8 @@ def test_digest_follows_every_generation_setting(monkeypatch):
     assert len({base, *changed}) == len(changed) + 1
     assert digest(data_resolution=64) == digest(resolution=64)  # the default resolution follows data.resolution
     # a scorer whose configuration changed (same name) invalidates the scored cache
-    monkeypatch.setitem(registry.IDENTITIES, "toy-checklist", lambda **_: {"changed": True})
+    toy = registry.REGISTRY["toy-checklist"]
+    monkeypatch.setitem(registry.REGISTRY, "toy-checklist", registry.Entry(toy.target, identity=lambda **_: {"changed": True}))
     assert digest() != base
 
 
@@ -247,8 +247,7 @@ class _Brightness:
 
 
 def test_two_scorers_end_to_end(tmp_path, sdxl, monkeypatch):
-    monkeypatch.setitem(registry.FACTORIES, "test-brightness", lambda **_: _Brightness())
-    monkeypatch.setitem(registry.IDENTITIES, "test-brightness", lambda **_: {"mean pixel": 1})
+    monkeypatch.setitem(registry.REGISTRY, "test-brightness", registry.Entry(lambda **_: _Brightness(), identity=lambda **_: {"mean pixel": 1}))
     import diffalign.models.loading as loading
 
     loads: list[str] = []
@@ -320,7 +319,7 @@ def test_config_errors():
     msg = _invalid(prompts=[])
     assert "at least one prompt" in msg
     msg = _invalid(prompts="toy-train", scorers=["hpsv9"])
-    assert "data.source.scorers" in msg and "'hpsv9'" in msg and "available: toy-checklist" in msg
+    assert "data.source.scorers" in msg and "'hpsv9'" in msg and "available: aesthetic, " in msg and "toy-checklist" in msg
     msg = _invalid(prompts="toy-train", scorers=["toy-checklist", "toy-checklist"])
     assert "once" in msg
     msg = _invalid(prompts="toy-train", images_per_prompt=1)

@@ -63,3 +63,39 @@ def write_clip_folder(path: Path, seed: int = 0, tokenizer: bool = True, **confi
     if tokenizer:
         build_clip_tokenizer().save_pretrained(path)
     return path
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def write_hps_checkpoint(path: Path, seed: int = 0, safetensors: bool = False) -> Path:
+    """A tiny open_clip CLIP saved as HPSv2's ``HPS_v2*_compressed.pt`` (``{'state_dict': fp16}``), or as
+    DiffSynth's flat safetensors conversion."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP)
+    sd = {k: v.half().contiguous() for k, v in model.state_dict().items()}
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    else:
+        torch.save({"state_dict": sd}, path)
+    return path
+
+
+def write_aesthetic_mlp(path: Path, input_dim: int = 16, seed: int = 0) -> Path:
+    """The LAION aesthetic MLP's state dict as the official ``.pth`` lays it out (``layers.{0,2,4,6,7}``)."""
+    torch.manual_seed(seed)
+    dims = [input_dim, 1024, 128, 64, 16, 1]
+    sd = {}
+    for index, (i, o) in zip((0, 2, 4, 6, 7), zip(dims, dims[1:])):
+        sd[f"layers.{index}.weight"] = torch.randn(o, i) / i**0.5
+        sd[f"layers.{index}.bias"] = torch.randn(o) * 0.1
+    torch.save(sd, path)
+    return path

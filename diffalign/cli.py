@@ -5,6 +5,9 @@
     diffalign configs                                    list the shipped recipes
     diffalign bench toy --methods dpo --out report.json  align the toy model, report win-rates vs. base
     diffalign demo                                       the whole loop on the embedded toy world
+    diffalign score DIR --scorers a,b                    score an image folder (CSV/jsonl + summary table)
+    diffalign compare DIR_A DIR_B --scorers a,b          win-rate of A over B, images paired by prompt and seed
+    diffalign scorers                                    list the scorers and what each needs
     diffalign toy pretrain --out DIR                     retrain the toy model from scratch (CPU)
 
 CONFIG is a YAML path or the name of a shipped recipe (default: toy/dpo, Diffusion-DPO on the embedded toy model).
@@ -78,6 +81,99 @@ def _cmd_bench_toy(args: argparse.Namespace) -> None:
     print(f"report: {args.out} (+ .md, .png)")
 
 
+def _scorer_options(args: argparse.Namespace) -> dict[str, dict]:
+    """``--scorer-option NAME.KEY=VALUE`` into {NAME: {KEY: value}} (values parsed as YAML scalars)."""
+    import yaml
+
+    from diffalign.scorers.registry import ScorerConfigError
+
+    options: dict[str, dict] = {}
+    for item in args.scorer_option:
+        key, sep, value = item.partition("=")
+        name, dot, option = key.partition(".")
+        if not sep or not dot or not option:
+            raise ScorerConfigError(f"--scorer-option {item!r}: expected NAME.KEY=VALUE, e.g. pickscore.path=/models/PickScore_v1")
+        options.setdefault(name, {})[option] = yaml.safe_load(value) if value else value
+    return options
+
+
+def _load_scorers(args: argparse.Namespace) -> dict:
+    from diffalign.scorers.registry import ScorerConfigError, load_scorers
+
+    names = [n for n in args.scorers.split(",") if n]
+    options = _scorer_options(args)
+    stray = sorted(set(options) - set(names))
+    if stray:
+        raise ScorerConfigError(f"--scorer-option for {', '.join(stray)}, which --scorers does not list ({', '.join(names)})")
+    return load_scorers(names, options, weights_dir=args.weights_dir, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+
+
+def _cmd_score(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from diffalign.eval.folderscore import score_records, summary_table
+    from diffalign.eval.imagefolder import read_folder
+
+    records = read_folder(args.dir, args.prompts)
+    scorers = _load_scorers(args)
+    result = score_records(args.dir, records, scorers, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+    paths = result.write(Path(args.out) if args.out else Path(args.dir) / "scores")
+    print(summary_table(result, f"{args.dir}: {len(result.records)} images in {result.seconds:.1f}s"))
+    for file, reason in result.skipped[:10]:
+        print(f"skipped {file}: {reason}", file=sys.stderr)
+    if len(result.skipped) > 10:
+        print(f"... {len(result.skipped)} unreadable images skipped in all (listed in {paths[2]})", file=sys.stderr)
+    print("wrote " + ", ".join(map(str, paths)))
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from diffalign.eval.compare import compare_scores, disagreement_grid, markdown_table
+    from diffalign.eval.folderscore import score_records
+    from diffalign.eval.imagefolder import read_folder
+    from diffalign.io import atomic_write_text
+
+    out = Path(args.out)
+    folders = [Path(args.dir_a), Path(args.dir_b)]
+    records = [read_folder(folders[0], args.prompts_a), read_folder(folders[1], args.prompts_b)]
+    scorers = _load_scorers(args)
+    results = [score_records(f, r, scorers, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+               for f, r in zip(folders, records)]
+    for label, res in zip("ab", results):
+        res.write(out / f"{label}_scores")
+    report, pairing = compare_scores(*results, seed=args.seed)
+    report.update({"a": str(folders[0]), "b": str(folders[1]), "skipped_a": len(results[0].skipped), "skipped_b": len(results[1].skipped)})
+    atomic_write_text(out / "compare.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    table = markdown_table(report, folders[0].name, folders[1].name)
+    atomic_write_text(out / "compare.md", table)
+    overall = [n for n in scorers if n in results[0].scores]
+    disagreement_grid(folders[0], folders[1], *results, pairing, overall, k=args.grid).save(out / "disagreements.png")
+    print(table)
+    print(f"wrote {out}/compare.json, compare.md, disagreements.png, a_scores.*, b_scores.*")
+
+
+def _cmd_scorers(args: argparse.Namespace) -> None:
+    from diffalign.scorers.registry import REGISTRY
+
+    for name, entry in sorted(REGISTRY.items()):
+        files = ", ".join(f"{k}={v}" for k, v in entry.weights.items()) or "no weights"
+        print(f"{name:14s} {entry.what}\n{'':14s} weights: {files}")
+
+
+def _add_scorer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scorers", required=True, help="comma-separated registry names (diffalign scorers lists them)")
+    p.add_argument("--scorer-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="a scorer option, e.g. pickscore.path=/models/PickScore_v1 or clipscore.convention=torchmetrics")
+    p.add_argument("--weights-dir", default=None, help="folder holding the official weight files under their release names (default $DIFFALIGN_WEIGHTS)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=4, help="threads decoding and preprocessing images ahead of the models")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description="Align text-to-image diffusion models with human preferences.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo/report.json")
     p.add_argument("--workdir", default="outputs/demo")
     p.set_defaults(fn=_cmd_bench_toy, methods="dpo", quick=False, set=[], eval_split="held_out")
+    text = "score every image of a folder with one or more reward models"
+    p = sub.add_parser("score", help=text, description=text)
+    p.add_argument("dir", help="image folder (prompts from its metadata.jsonl, --prompts, or a sidecar .txt per image)")
+    p.add_argument("--prompts", default=None, help="a .jsonl of file/prompt[/seed], or a .txt/.json with one prompt per image in file-name order")
+    p.add_argument("--out", default=None, help="output stem (default DIR/scores: scores.csv, scores.jsonl, scores_summary.json)")
+    _add_scorer_arguments(p)
+    p.set_defaults(fn=_cmd_score)
+    text = "win-rate of folder A over folder B per scorer, images paired by prompt and seed"
+    p = sub.add_parser("compare", help=text, description=text)
+    p.add_argument("dir_a")
+    p.add_argument("dir_b")
+    p.add_argument("--prompts-a", default=None)
+    p.add_argument("--prompts-b", default=None)
+    p.add_argument("--out", default="outputs/compare", help="folder for compare.json/.md, disagreements.png and both folders' scores")
+    p.add_argument("--grid", type=int, default=8, help="pairs in the disagreement grid")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    _add_scorer_arguments(p)
+    p.set_defaults(fn=_cmd_compare)
+    p = sub.add_parser("scorers", help="list the scorers, what they compute and the weight files each needs")
+    p.set_defaults(fn=_cmd_scorers)
     toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     p = toy.add_parser("pretrain", help="train the toy pipeline from scratch on procedural scenes (CPU, ~40 min)")
     p.add_argument("--out", required=True, help="directory for the fp16 weights and pretrain.json")

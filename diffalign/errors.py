@@ -8,7 +8,9 @@ from diffalign.config import ConfigError
 from diffalign.data import DataError
 from diffalign.io import SafeLoadError
 from diffalign.models.loading import ModelLoadError
+from diffalign.scorers.registry import ScorerConfigError
+from diffalign.scorers.weights import ScorerWeightsError
 from diffalign.trainers.checkpoint import CheckpointError
 from diffalign.trainers.loop import TrainingError
 
-USER_ERRORS = (ConfigError, DataError, SafeLoadError, ModelLoadError, CheckpointError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, SafeLoadError, ModelLoadError, ScorerConfigError, ScorerWeightsError, CheckpointError, TrainingError)

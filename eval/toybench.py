@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from diffalign.config import BUILTIN_TOY, ModelConfig, apply_overrides, read_yaml, shipped_config_path, validate_config
 from diffalign.data import prepare_cache
+from diffalign.eval.imagefolder import write_folder
 from diffalign.eval.winrate import win_rate
 from diffalign.models.loading import load_components
 from diffalign.models.sampling import sample_images
@@ -139,7 +140,8 @@ def markdown_table(report: dict) -> str:
 
 
 def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = True) -> dict:
-    """Run the bench; write `out` (JSON), a markdown table and a base-vs-aligned grid beside it."""
+    """Run the bench; write `out` (JSON), a markdown table, a base-vs-aligned grid and each model's samples
+(``samples/<model>/`` with ``metadata.jsonl``) beside it."""
     from tqdm.auto import tqdm
 
     from diffalign.trainers.loop import PreferenceTrainer
@@ -169,6 +171,9 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     report["base"] = {"scores": {k: float(base[k].mean()) for k in ("overall", *TOY_CHECKLIST.dimensions)},
                       "colour_accuracy": float((base["colour"] > 0).float().mean()), "eval_seconds": time.perf_counter() - started}
     columns = {"base": base_images}
+    samples = out.parent / "samples"  # each model's images with metadata.jsonl: `diffalign compare` re-derives the table from them
+    write_folder(samples / "base", base_images, prompts, seeds, model=settings.model, steps=settings.num_inference_steps,
+                 guidance=settings.guidance_scale)
 
     # 3. each method: train, sample the same prompts and seeds, compare
     for name in tqdm(methods, desc="bench toy", disable=not progress):
@@ -188,6 +193,8 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
         report["methods"][name] = {**wr.as_dict(), "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - started,
                                    "dims": dims, "yes_rate_change": questions}
         columns[name] = images
+        write_folder(samples / name, images, prompts, seeds, model=settings.model, adapter=str(cfg.train.output_dir),
+                     steps=settings.num_inference_steps, guidance=settings.guidance_scale)
 
     report["total_seconds"] = report["data_seconds"] + report["base"]["eval_seconds"] + sum(
         r["train_seconds"] + r["eval_seconds"] for r in report["methods"].values())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +53,16 @@ def demo_parquet(tmp_path_factory) -> Path:
     from diffalign.data.sources.demo import write_demo_parquet
 
     return write_demo_parquet(tmp_path_factory.mktemp("pickapic") / "train.parquet", num_pairs=16, image_size=48, seed=0)
+
+
+def shuffle_folder(folder, rng: random.Random):
+    """Rename every image to a random name and rewrite metadata.jsonl to match (a copy of the original is kept
+    beside it as orig_<name>)."""
+    shutil.copytree(folder, folder.with_name("orig_" + folder.name))
+    lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    rng.shuffle(lines)
+    names = [f"shuffled_{rng.randrange(10**9):09d}.png" for _ in lines]
+    for line, name in zip(lines, names):
+        (folder / line["file"]).rename(folder / name)
+        line["file"] = name
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))

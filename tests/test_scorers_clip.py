@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_scorers import PROMPTS, images, write_clip_folder
+from tiny_scorers import PROMPTS, images, openai_clip_transform, write_clip_folder
 
 
 @pytest.fixture(scope="module")
@@ -14,15 +14,18 @@ def clip_dir(tmp_path_factory):
     return write_clip_folder(tmp_path_factory.mktemp("clip"))
 
 
-def official_clip_cosine(folder, pil_images, prompts):
-    """PickScore's README ``calc_probs``: CLIPImageProcessor (the PIL one) and the folder's tokenizer."""
+def official_clip_cosine(folder, pil_images, prompts, transform: str = "hf"):
+    """PickScore's README ``calc_probs``: CLIPImageProcessor (the PIL one) and the folder's tokenizer; with
+    ``transform="openai"`` OpenAI CLIP's torchvision transform instead (CLIPScore)."""
     from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
     model = CLIPModel.from_pretrained(folder).eval()
-    processor = CLIPImageProcessorPil()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with torch.no_grad():
-        pixels = processor(images=pil_images, return_tensors="pt")["pixel_values"]
+        if transform == "hf":
+            pixels = CLIPImageProcessorPil()(images=pil_images, return_tensors="pt")["pixel_values"]
+        else:
+            pixels = torch.stack([openai_clip_transform()(im) for im in pil_images])
         text = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         img = model.get_image_features(pixel_values=pixels).pooler_output
         txt = model.get_text_features(**text).pooler_output
@@ -59,10 +62,9 @@ def test_clipscore_conventions(clip_dir, convention):
 
     ims = images()
     prefix = "A photo depicts " if convention == "hessel" else ""
-    _, cos = official_clip_cosine(clip_dir, ims, [prefix + p for p in PROMPTS])
+    _, cos = official_clip_cosine(clip_dir, ims, [prefix + p for p in PROMPTS], transform="openai")
     expected = {"hessel": 2.5 * cos.clamp(min=0), "torchmetrics": (100 * cos).clamp(min=0), "raw": cos}[convention]
     got = CLIPScore(clip_dir, convention=convention).score(ims, PROMPTS)["overall"]
-    # CLIPScore crops as torchvision does (round), PickScore as transformers (floor): equal on these sizes
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tiny_scorers import PROMPTS, TINY_OPEN_CLIP, images, write_aesthetic_mlp, write_clip_folder, write_hps_checkpoint
+from tiny_scorers import PROMPTS, TINY_OPEN_CLIP, images, openai_clip_transform, write_aesthetic_mlp, write_clip_folder, write_hps_checkpoint
 
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)
 STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
@@ -47,7 +47,6 @@ def test_letterbox_pads_the_short_side_after_resizing_the_long_one():
 
 
 def test_center_crop_matches_transformers_and_torchvision():
-    from torchvision import transforms as T
     from transformers import CLIPImageProcessorPil
 
     from diffalign.scorers.preprocess import clip_center_crop
@@ -55,12 +54,9 @@ def test_center_crop_matches_transformers_and_torchvision():
     odd = images(sizes=((301, 225), (225, 301), (97, 150), (224, 227)))
     hf = CLIPImageProcessorPil()(images=odd, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(clip_center_crop(odd, crop="hf"), hf, atol=1e-5, rtol=0)
-    tv = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), lambda im: im.convert("RGB"),
-                    T.ToTensor(), T.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist())])
+    tv = openai_clip_transform()
     ours = clip_center_crop(odd, crop="torchvision")
-    for i, im in enumerate(odd):
-        if im.mode == "P":  # torchvision resizes palette images with nearest; diffalign converts to RGB first
-            continue
+    for i, im in enumerate(odd):  # RGBA and palette images included: converted after the resize, as the Compose does
         torch.testing.assert_close(ours[i], tv(im), atol=1e-5, rtol=0)
     # the two conventions differ by a row when the excess rounds up: 227 high, 3 rows to crop: top 1 (hf) vs round(1.5) = 2
     assert not torch.equal(clip_center_crop(odd[3:], crop="hf"), clip_center_crop(odd[3:], crop="torchvision"))
@@ -123,14 +119,11 @@ def test_aesthetic_matches_the_official_formula(tmp_path):
     mlp_file = write_aesthetic_mlp(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
     ims = images()
     # simple_inference.py: CLIP image features, L2-normalised, through the MLP (official torchvision transform)
-    from torchvision import transforms as T
-
-    tv = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), lambda im: im.convert("RGB"),
-                    T.ToTensor(), T.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist())])
+    tv = openai_clip_transform()
     clip = CLIPModel.from_pretrained(clip_dir).eval()
     sd = torch.load(mlp_file, weights_only=True)
     with torch.no_grad():
-        e = clip.get_image_features(pixel_values=torch.stack([tv(im.convert("RGB")) for im in ims])).pooler_output
+        e = clip.get_image_features(pixel_values=torch.stack([tv(im) for im in ims])).pooler_output
         h = e / e.norm(dim=-1, keepdim=True)
         for index in (0, 2, 4, 6, 7):
             h = h @ sd[f"layers.{index}.weight"].T + sd[f"layers.{index}.bias"]

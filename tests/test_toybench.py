@@ -7,8 +7,12 @@ here the CI-size configuration (`QUICK`) shows that Diffusion-DPO moves the toy 
 from __future__ import annotations
 
 import json
+import random
 
+import pytest
 import torch
+
+from conftest import shuffle_folder
 
 from diffalign.eval.toybench import QUICK, BenchSettings, markdown_table, run_toy_bench
 
@@ -43,6 +47,18 @@ def test_dpo_moves_the_toy_model_toward_the_preference(tmp_path):
     dpo = report["methods"]["dpo"]
     assert dpo["n"] == 2 * 62 and dpo["prompts"] == 62
     assert dpo["dims"]["overall"] > 0 and dpo["win_rate"] > 0.5, markdown_table(report)
+
+    # `diffalign compare` re-derives the win-rate from the saved folders alone, whatever the file names
+    from diffalign.cli import main
+
+    samples = tmp_path / "samples"
+    shuffle_folder(samples / "dpo", random.Random(1))
+    assert main(["compare", str(samples / "dpo"), str(samples / "base"), "--scorers", "toy-checklist", "--out", str(tmp_path / "cmp"),
+                 "--no-progress"]) == 0
+    derived = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert derived["pairs"] == dpo["n"] and derived["prompts"] == dpo["prompts"]
+    got = derived["scorers"]["toy-checklist"]
+    assert [got[k] for k in ("win_rate", "ci_low", "ci_high")] == pytest.approx([dpo[k] for k in ("win_rate", "ci_low", "ci_high")], abs=1e-12)
 
 
 def test_overrides_can_be_scoped_to_one_method():

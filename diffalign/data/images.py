@@ -40,7 +40,14 @@ _OPEN_LOCK = threading.Lock()  # warnings.catch_warnings mutates global state; I
 
 
 def decode_image(src: bytes | Path | str, where: str | None = None) -> Image.Image:
-    """Decode bytes or a file to an RGB `PIL.Image`; raise `CorruptImageError(reason)` on anything unsafe."""
+    """Decode bytes or a file to an RGB `PIL.Image` (EXIF orientation applied, transparency on white);
+    raise `CorruptImageError(reason)` on anything unsafe."""
+    return _to_rgb(ImageOps.exif_transpose(open_image(src, where)))
+
+
+def open_image(src: bytes | Path | str, where: str | None = None) -> Image.Image:
+    """Decode bytes or a file to a `PIL.Image` as stored (any mode, no EXIF rotation: what reward models'
+    own loaders see), with `decode_image`'s safety checks."""
     try:
         if isinstance(src, (bytes, bytearray, memoryview)):
             if len(src) == 0:
@@ -64,8 +71,7 @@ def decode_image(src: bytes | Path | str, where: str | None = None) -> Image.Ima
             if w < 1 or h < 1:
                 raise CorruptImageError(f"empty image ({w}x{h})", where)
             im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+            return im
     except CorruptImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

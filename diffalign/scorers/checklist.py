@@ -3,7 +3,9 @@
 Official VisionReward (THUDM/VisionReward ``inference-image.py``): each question is answered yes/no and
 mapped to a = +1 / -1; a gated question becomes 0 when its gate is answered "no" (e.g. body-correctness
 questions when there is no body); the score is ``dot(a, coef) + intercept``. Here an answer may also be a
-probability p of "yes" (a = 2p - 1), and each question belongs to a dimension, so
+probability p of "yes" (a = 2p - 1); an unsigned question (``signed=False``, e.g. VisionReward's VQAScore
+alignment term, a probability in [0, 1]) enters as a = p; a gate question may have weight 0; and each question
+belongs to a dimension, so
 
     dimension_d = Σ_{q ∈ d} w_q · a_q,      overall = Σ_q w_q · a_q + intercept.
 
@@ -27,6 +29,7 @@ class Question:
     dimension: str  # e.g. alignment, composition, quality
     weight: float  # linear coefficient w_q
     gate: str | None = None  # key of a question whose "no" makes this one not apply (a = 0)
+    signed: bool = True  # True: a = 2p - 1 ∈ [-1, 1]; False: the probability itself, a = p ∈ [0, 1]
 
 
 @dataclass(frozen=True)
@@ -65,13 +68,14 @@ class ChecklistScorer:
         self.dimensions = ("overall", *checklist.dimensions, *(q.key for q in checklist.questions))
 
     def answers(self, images: Images, prompts: Sequence[str]) -> torch.Tensor:
-        """(B, Q) signed answers a ∈ [-1, 1] after gating."""
+        """(B, Q) answers after gating: a = 2p - 1 ∈ [-1, 1] (or a = p for unsigned questions)."""
         check_batch(images, prompts)
         qs = self.checklist.questions
         p_yes = self.backend.answer(images, prompts, qs).float()
         if p_yes.shape != (len(prompts), len(qs)):
             raise ValueError(f"backend returned shape {tuple(p_yes.shape)}, expected {(len(prompts), len(qs))}")
-        a = 2 * p_yes - 1
+        signed = torch.tensor([q.signed for q in qs], dtype=torch.bool, device=p_yes.device)
+        a = torch.where(signed, 2 * p_yes - 1, p_yes)
         index = {q.key: i for i, q in enumerate(qs)}
         for i, q in enumerate(qs):
             if q.gate is not None:

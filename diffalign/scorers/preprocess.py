@@ -3,10 +3,11 @@
 PIL paths reproduce the official transforms pixel for pixel:
 
 - `clip_center_crop`: resize the shortest edge to ``size`` (bicubic, long edge ``int(size * long / short)``),
-  centre crop, scale to [0, 1], normalise with OpenAI CLIP's mean/std. ``crop="hf"`` puts the crop's top-left
-  at ``(H - size) // 2`` as transformers' ``CLIPImageProcessor`` does (PickScore, MPS); ``crop="torchvision"``
-  at ``round((H - size) / 2)`` as ``torchvision.transforms.CenterCrop`` does (OpenAI CLIP, BLIP/ImageReward,
-  the LAION aesthetic predictor).
+  centre crop, scale to [0, 1], normalise with OpenAI CLIP's mean/std. ``crop="hf"`` is transformers'
+  ``CLIPImageProcessor`` (PickScore, MPS): RGB first, the crop's top-left at ``(H - size) // 2``.
+  ``crop="torchvision"`` is the ``Resize, CenterCrop, convert RGB, ToTensor, Normalize`` Compose of OpenAI
+  CLIP, BLIP/ImageReward and the LAION aesthetic predictor: resized in the image's own mode, the crop at
+  ``round((H - size) / 2)``, RGB last.
 - `letterbox`: HPSv2's ``ResizeMaxSize`` (hpsv2/src/open_clip/transform.py): on the [0, 1] tensor, bicubic
   resize so the longest side is ``size``, zero-pad to ``size``×``size`` centred (left/top get ``pad // 2``),
   then normalise, so the padding becomes ``-mean/std``. HPSv2 does not resize an image whose longest side is
@@ -65,7 +66,8 @@ def clip_center_crop(images: Sequence[Image.Image], size: int = 224, crop: str =
     """B×3×size×size: CLIP-family eval preprocessing on PIL images (module docstring)."""
     out = []
     for image in images:
-        image = image.convert("RGB")
+        if crop == "hf":  # CLIPImageProcessor converts first; torchvision's Compose last (PIL resizes palette
+            image = image.convert("RGB")  # images with nearest and RGBA premultiplied, so the order shows)
         h, w = shortest_edge_size(image.height, image.width, size)
         if (h, w) != (image.height, image.width):
             image = image.resize((w, h), Image.BICUBIC)

@@ -58,7 +58,7 @@ REGISTRY: dict[str, Entry] = {
                        what="LAION improved aesthetic predictor, MLP on CLIP ViT-L/14 embeddings, about 1-10"),
     "clipscore": Entry("diffalign.scorers.clipscore:CLIPScore", {"path": "clip-vit-base-patch32"},
                        what="CLIPScore, 2.5 max(cos, 0) with 'A photo depicts' (Hessel et al.) unless convention= says otherwise"),
-    "hpsv3": Entry("diffalign.scorers.hpsv3:HPSv3", {"path": "HPSv3.safetensors", "base": "Qwen2-VL-7B-Instruct"},
+    "hpsv3": Entry("diffalign.scorers.hpsv3:HPSv3", {"path": "HPSv3.safetensors", "base": "Qwen2-VL-7B-Instruct"}, optional=("base",),
                    what="HPSv3, Qwen2-VL-7B + reward head: mu (overall) and log sigma"),
     "visionreward": Entry("diffalign.scorers.visionreward:visionreward_scorer", {"model_path": "visionreward-vlm"},
                           what="VisionReward-style checklist: the official 30 questions and weights over a VLM backend"),
@@ -118,3 +118,19 @@ def scorer_identity(name: str, weights_dir: str | os.PathLike | None = None, **o
     identity = {"name": name, **{k: v for k, v in resolved.items() if k not in entry.weights and k not in ("device", "batch_size")}}
     identity["weights"] = {k: fingerprint(resolved[k]) for k in entry.weights if resolved.get(k) is not None}
     return {k: str(v) if not isinstance(v, (int, float, bool, str, dict, list, type(None))) else v for k, v in identity.items()}
+
+
+def load_scorers(names, options: dict[str, dict] | None = None, weights_dir: str | os.PathLike | None = None,
+                 device: str = "cpu", dtype: str = "float32", batch_size: int = 32) -> dict[str, Scorer]:
+    """Several scorers by name; ``device``, ``dtype`` and ``batch_size`` go to the ones that run a model."""
+    import torch
+
+    if len(set(names)) != len(names):
+        raise ScorerConfigError(f"each scorer may be listed once: {', '.join(names)}")
+    if not names:
+        raise ScorerConfigError("no scorers given")
+    model_options = {"device": device, "dtype": getattr(torch, dtype), "batch_size": batch_size}
+    options = options or {}
+    return {name: load_scorer(name, weights_dir, **({**model_options, **options.get(name, {})} if _entry(name).weights
+                                                  else options.get(name, {})))
+            for name in names}

@@ -251,10 +251,12 @@ def toy_checklist_scorer(temperature: float = 0.1, graded: bool = True) -> Check
     return ChecklistScorer("toy-checklist", TOY_CHECKLIST, ToyMeasurementBackend(graded), temperature)
 
 
-def toy_checklist_identity(graded: bool = True) -> dict:
-    """Everything that decides the toy checklist's scores: questions, weights, thresholds, grading."""
+def toy_checklist_identity(graded: bool = True, temperature: float = 0.1) -> dict:
+    """Everything that decides the toy checklist's scores: questions, weights, thresholds, grading (not the
+    `prefer` temperature). `Question.signed` came after the bench's hashes were frozen: it is recorded only
+    where a question is unsigned (none are), so the scorer hash in docs/toy_world.md still holds."""
     import dataclasses
 
     thresholds = {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, tuple, dict)) and k != "TOY_CHECKLIST"}
-    return {"questions": [dataclasses.asdict(q) for q in TOY_CHECKLIST.questions], "intercept": TOY_CHECKLIST.intercept,
-            "thresholds": thresholds, "graded": graded}
+    questions = [{k: v for k, v in dataclasses.asdict(q).items() if k != "signed" or not v} for q in TOY_CHECKLIST.questions]
+    return {"questions": questions, "intercept": TOY_CHECKLIST.intercept, "thresholds": thresholds, "graded": graded}

@@ -1,0 +1,136 @@
+"""`diffalign score` and `diffalign compare` on image folders: prompts from metadata, prompt files or
+sidecars; unreadable images reported and skipped; results equal to scoring in memory; pairing by prompt
+and seed whatever the file names."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli, shuffle_folder
+from tiny_scorers import PROMPTS, images, write_clip_folder
+
+from diffalign.data.errors import DataError
+from diffalign.eval.imagefolder import read_folder, write_folder
+from diffalign.toy.scenes import HELD_OUT, render_caption
+
+
+def toy_folder(path, n=6, seed=0):
+    """Rendered toy scenes (clean, so the checklist scores them) with prompts and seeds."""
+    captions = [HELD_OUT[i].caption for i in range(n // 2) for _ in range(2)]
+    ims = [render_caption(c, 100 * seed + i) for i, c in enumerate(captions)]
+    return write_folder(path, ims, captions, list(range(n)), model="test")
+
+
+def test_prompts_come_from_metadata_a_prompts_file_or_sidecars(tmp_path):
+    recs = toy_folder(tmp_path / "meta")
+    assert read_folder(tmp_path / "meta") == recs and recs[0].extra == {"model": "test"}
+    side = tmp_path / "side"
+    side.mkdir()
+    for i, im in enumerate(images()):
+        im.save(side / f"img{i}.png")
+        (side / f"img{i}.txt").write_text(PROMPTS[i] + "\n")
+    assert [r.prompt for r in read_folder(side)] == PROMPTS
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("\n".join(reversed(PROMPTS)))
+    assert [r.prompt for r in read_folder(side, listed)] == list(reversed(PROMPTS))
+    (side / "img0.txt").unlink()
+    with pytest.raises(DataError, match="no prompts for 1 image.*img0.png"):
+        read_folder(side)
+    listed.write_text("only one")
+    with pytest.raises(DataError, match="1 prompts for 4 images"):
+        read_folder(side, listed)
+    (tmp_path / "bad.jsonl").write_text('{"file": "a.png"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:1: each line needs 'file' and 'prompt'"):
+        read_folder(side, tmp_path / "bad.jsonl")
+
+
+def test_score_cli_writes_rows_equal_to_in_memory_scores_and_skips_unreadable_images(tmp_path):
+    from diffalign.scorers import load_scorer
+    from diffalign.scorers.pickscore import PickScore
+
+    folder = tmp_path / "imgs"
+    recs = toy_folder(folder)
+    (folder / recs[1].file).write_bytes(b"not a png")  # corrupt
+    (folder / recs[4].file).unlink()  # listed but missing
+    clip = write_clip_folder(tmp_path / "clip")
+    result = run_cli("score", str(folder), "--scorers", "toy-checklist,pickscore", "--scorer-option", f"pickscore.path={clip}",
+                     "--batch-size", "2", "--workers", "2", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 00001.png" in result.stderr and "skipped 00004.png: image file not found" in result.stderr
+    assert "toy-checklist" in result.stdout and "pickscore" in result.stdout and "mean" in result.stdout
+    rows = list(csv.DictReader(open(folder / "scores.csv")))
+    kept = [r for i, r in enumerate(recs) if i not in (1, 4)]
+    assert [r["file"] for r in rows] == [r.file for r in kept]
+    ims = [Image.open(folder / r.file) for r in kept]
+    prompts = [r.prompt for r in kept]
+    expected_toy = load_scorer("toy-checklist").score(ims, prompts)
+    expected_pick = PickScore(clip).score(ims, prompts)["overall"]
+    np.testing.assert_allclose([float(r["toy-checklist"]) for r in rows], expected_toy["overall"].numpy(), atol=1e-6)
+    np.testing.assert_allclose([float(r["toy-checklist.alignment"]) for r in rows], expected_toy["alignment"].numpy(), atol=1e-6)
+    np.testing.assert_allclose([float(r["pickscore"]) for r in rows], expected_pick.numpy(), atol=1e-4)
+    summary = json.loads((folder / "scores_summary.json").read_text())
+    assert summary["images"] == 4 and len(summary["skipped"]) == 2
+    assert summary["columns"]["pickscore"]["mean"] == pytest.approx(float(expected_pick.mean()), abs=1e-4)
+    assert len((folder / "scores.jsonl").read_text().splitlines()) == 4
+
+
+def test_score_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from diffalign.cli import main
+
+    folder = tmp_path / "imgs"
+    toy_folder(folder)
+    monkeypatch.delenv("DIFFALIGN_WEIGHTS", raising=False)
+    for args, message in (
+        (["--scorers", "pickscore"], "scorer 'pickscore' needs path=PATH"),
+        (["--scorers", "hpsv9"], "unknown scorer 'hpsv9'"),
+        (["--scorers", "toy-checklist", "--scorer-option", "pickscore.path=x"], "which --scorers does not list"),
+        (["--scorers", "toy-checklist", "--scorer-option", "pickscore"], "expected NAME.KEY=VALUE"),
+        (["--scorers", "pickscore", "--scorer-option", f"pickscore.path={tmp_path}"], "not a transformers CLIP folder"),
+    ):
+        assert main(["score", str(folder), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("diffalign score: error: ") and message in err, err
+    assert main(["score", str(tmp_path / "nope"), "--scorers", "toy-checklist"]) == 2
+    assert "image folder not found" in capsys.readouterr().err
+
+
+def test_weights_folder_supplies_the_official_file_names(tmp_path, monkeypatch):
+    from diffalign.scorers.registry import ScorerConfigError, resolve_options, scorer_identity
+
+    write_clip_folder(tmp_path / "PickScore_v1")
+    monkeypatch.setenv("DIFFALIGN_WEIGHTS", str(tmp_path))
+    assert resolve_options("pickscore") == {"path": str(tmp_path / "PickScore_v1")}  # the tokenizer is optional
+    assert resolve_options("hpsv21", path="/x.pt") == {"path": "/x.pt", "version": "hpsv21"}
+    with pytest.raises(ScorerConfigError, match="HPS_v2.1_compressed.pt"):
+        resolve_options("hpsv21")
+    first = scorer_identity("pickscore")
+    (tmp_path / "PickScore_v1" / "model.safetensors").write_bytes(b"changed")
+    assert scorer_identity("pickscore") != first  # a changed weight file is a changed scorer
+
+
+def test_compare_pairs_by_prompt_and_seed_whatever_the_file_names(tmp_path):
+    from diffalign.eval.winrate import win_rate
+    from diffalign.scorers import load_scorer
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    ra = toy_folder(a, n=8, seed=1)
+    rb = toy_folder(b, n=8, seed=2)
+    shuffle_folder(b, random.Random(0))
+    r = run_cli("compare", str(a), str(b), "--scorers", "toy-checklist", "--out", str(tmp_path / "cmp"), "--no-progress", "--grid", "3")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    scorer = load_scorer("toy-checklist")
+    sa = scorer.score([Image.open(a / x.file) for x in ra], [x.prompt for x in ra])["overall"]
+    sb = scorer.score([Image.open(tmp_path / "orig_b" / x.file) for x in rb], [x.prompt for x in rb])["overall"]
+    expected = win_rate(sa.tolist(), sb.tolist(), [x.prompt for x in ra])
+    got = report["scorers"]["toy-checklist"]
+    assert report["paired_by"] == "prompt+seed" and report["pairs"] == 8
+    assert (got["win_rate"], got["ci_low"], got["ci_high"]) == pytest.approx((expected.win_rate, expected.ci_low, expected.ci_high))
+    assert Image.open(tmp_path / "cmp" / "disagreements.png").height > 0

@@ -8,6 +8,8 @@
     diffalign score DIR --scorers a,b                    score an image folder (CSV/jsonl + summary table)
     diffalign compare DIR_A DIR_B --scorers a,b          win-rate of A over B, images paired by prompt and seed
     diffalign scorers                                    list the scorers and what each needs
+    diffalign prompts parti --out prompts.jsonl          evaluation prompt sets (PartiPrompts ships; HPDv2, DrawBench local)
+    diffalign bench hpsv2 IMAGES --prompts-root DIR      the HPSv2 benchmark protocol on generated images
     diffalign toy pretrain --out DIR                     retrain the toy model from scratch (CPU)
 
 CONFIG is a YAML path or the name of a shipped recipe (default: toy/dpo, Diffusion-DPO on the embedded toy model).
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+
+from diffalign.config import ConfigError
 
 DEFAULT_CONFIG = "toy/dpo"
 
@@ -162,6 +166,54 @@ def _cmd_scorers(args: argparse.Namespace) -> None:
         print(f"{name:14s} {entry.what}\n{'':14s} weights: {files}")
 
 
+def _cmd_prompts(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from diffalign.eval.prompts import HPDV2_STYLES, drawbench, hpdv2_benchmark, parti_prompts
+    from diffalign.io import atomic_write_text
+
+    if args.set == "parti":
+        rows = [{"prompt": r.prompt, "category": r.category, "challenge": r.challenge} for r in parti_prompts(args.category, args.challenge)]
+    else:
+        if args.root is None:
+            raise ConfigError(f"diffalign prompts {args.set} needs --root DIR, a local copy of the HPDv2 benchmark prompts (zhwang/HPDv2)")
+        if args.set == "drawbench":
+            rows = [{"prompt": p, "set": "drawbench"} for p in drawbench(args.root)]
+        else:
+            styles = [args.style] if args.style else list(HPDV2_STYLES)
+            rows = [{"prompt": p, "style": style} for style, ps in hpdv2_benchmark(args.root, styles).items() for p in ps]
+    if args.out is None:
+        print("\n".join(r["prompt"] for r in rows))
+        return
+    out = Path(args.out)
+    text = "".join((json.dumps(r, ensure_ascii=False) if out.suffix == ".jsonl" else r["prompt"]) + "\n" for r in rows)
+    atomic_write_text(out, text)
+    print(f"{len(rows)} prompts written to {out}")
+
+
+def _cmd_bench_hpsv2(args: argparse.Namespace) -> None:
+    import json
+
+    from diffalign.eval.prompts import drawbench, hpdv2_benchmark, hpsv2_benchmark
+
+    scorers = _load_scorers(args)
+    if len(scorers) != 1:
+        raise ConfigError("diffalign bench hpsv2 takes one scorer (--scorers hpsv21 for the v2.1 table)")
+    styles = [s for s in args.styles.split(",") if s]
+    prompts = hpdv2_benchmark(args.prompts_root, [s for s in styles if s != "drawbench"])
+    if "drawbench" in styles:
+        prompts["drawbench"] = drawbench(args.prompts_root)
+    table = hpsv2_benchmark(args.images, prompts, next(iter(scorers.values())), batch_size=args.batch_size)
+    for style, row in table.items():
+        spread = f" ± {row['std']:.4f}" if "std" in row else ""
+        print(f"{style:15s} {row['mean']:.2f}{spread}  ({row['images']} images)")
+    if args.out:
+        from diffalign.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(table, indent=2) + "\n")
+
+
 def _add_scorer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scorers", required=True, help="comma-separated registry names (diffalign scorers lists them)")
     p.add_argument("--scorer-option", action="append", default=[], metavar="NAME.KEY=VALUE",
@@ -196,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every method's config; METHOD:KEY=VALUE for one method (e.g. dpo:method.beta=2000)")
     p.add_argument("--eval-split", default="held_out", choices=("held_out", "train"), help="train: tune methods without looking at held-out captions")
     p.set_defaults(fn=_cmd_bench_toy)
+    text = "the HPSv2 benchmark: images at IMAGES/<style>/<index:05d>.jpg scored as hpsv2/evaluation.py does"
+    p = bench.add_parser("hpsv2", help=text, description=text)
+    p.add_argument("images", help="folder with one subfolder per style")
+    p.add_argument("--prompts-root", required=True, help="local copy of the HPDv2 benchmark prompts (<style>.json, drawbench.json)")
+    p.add_argument("--styles", default="anime,concept-art,paintings,photo", help="comma-separated; add drawbench for DrawBench")
+    p.add_argument("--out", default=None, help="JSON path for the table")
+    _add_scorer_arguments(p)
+    p.set_defaults(fn=_cmd_bench_hpsv2)
     p = sub.add_parser("demo", help="the whole loop on the embedded toy world: data, DPO, generation, scoring, table")
     p.add_argument("--out", default="outputs/demo/report.json")
     p.add_argument("--workdir", default="outputs/demo")
@@ -220,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_compare)
     p = sub.add_parser("scorers", help="list the scorers, what they compute and the weight files each needs")
     p.set_defaults(fn=_cmd_scorers)
+    text = "write an evaluation prompt set (PartiPrompts ships; HPDv2 benchmark styles and DrawBench from a local copy)"
+    p = sub.add_parser("prompts", help=text, description=text)
+    p.add_argument("set", choices=("parti", "hpdv2", "drawbench"))
+    p.add_argument("--category", default=None, help="PartiPrompts category, e.g. Animals")
+    p.add_argument("--challenge", default=None, help="PartiPrompts challenge, e.g. Quantity")
+    p.add_argument("--style", default=None, help="one HPDv2 style (anime, concept-art, paintings, photo); default all")
+    p.add_argument("--root", default=None, help="the local HPDv2 benchmark folder (hpdv2, drawbench)")
+    p.add_argument("--out", default=None, help=".jsonl (prompt and its labels) or .txt (one prompt per line); default: print")
+    p.set_defaults(fn=_cmd_prompts)
     toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     p = toy.add_parser("pretrain", help="train the toy pipeline from scratch on procedural scenes (CPU, ~40 min)")
     p.add_argument("--out", required=True, help="directory for the fp16 weights and pretrain.json")

@@ -21,3 +21,24 @@ def test_train_step_benchmark_runs_all_three_variants(tmp_path):
     for v in result["variants"].values():
         assert len(v["ms_all"]) == 2 and all(t > 0 for t in v["ms_all"])
     assert (tmp_path / "bench.md").is_file()
+
+
+def test_score_throughput_benchmark_runs(tmp_path):
+    out = tmp_path / "score.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "score_throughput.py"), "--preset", "tiny", "--images", "8", "--size", "64",
+           "--batch-size", "4", "--rounds", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["median_seconds"]) == {"bare", "score"} and result["ratio_score_over_bare"] > 0
+
+
+def test_scorer_parity_benchmark_finds_the_tensor_paths_close(tmp_path):
+    out = tmp_path / "parity.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scorer_parity.py"), "--per-size", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    families = json.loads(out.read_text())["families"]
+    assert len(families) == 4
+    for name, gap in families.items():  # resize kernels differ, the transforms must not (a wrong crop or pad is ~0.5)
+        assert gap["relative_to_pixel_std"] < 0.1, (name, gap)

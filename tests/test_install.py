@@ -18,6 +18,9 @@ import diffalign, diffalign.pipelines, diffalign.eval, diffalign.configs
 from importlib import resources
 names = sorted(p.name for p in resources.files("diffalign.configs").iterdir() if p.name.endswith(".yaml"))
 print(diffalign.__file__); print(diffalign.pipelines.__file__); print(diffalign.eval.__file__); print(",".join(names))
+data = [("diffalign.scorers", "data/visionreward/weight_select.json"), ("diffalign.scorers", "data/visionreward/LICENSE"),
+        ("diffalign.eval", "data/parti/PartiPrompts.tsv"), ("diffalign.eval", "data/parti/LICENSE")]
+print(",".join(str(resources.files(pkg).joinpath(name).is_file()) for pkg, name in data))
 """
 
 
@@ -47,7 +50,8 @@ def _install_and_probe(tmp_path: Path, editable: bool) -> list[str]:
 
 @pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
 def test_namespace_mapping_installs(tmp_path, editable):
-    root, pipelines, evaluation, configs = _install_and_probe(tmp_path, editable)
+    root, pipelines, evaluation, configs, data = _install_and_probe(tmp_path, editable)
+    assert data == "True,True,True,True"  # package data: the VisionReward preset and PartiPrompts, with their licences
     home = tmp_path / "src" if editable else tmp_path / "site"
     assert Path(root).is_relative_to(home)
     want_pipelines = home / ("pipelines" if editable else "diffalign/pipelines") / "__init__.py"

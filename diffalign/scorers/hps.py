@@ -66,7 +66,7 @@ class HPSv2(ModelScorer):
         return letterbox(images, self.image_size, antialias=self.antialias)
 
     def preprocess_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
-        return letterbox_tensor(pixels, self.image_size)
+        return letterbox_tensor(pixels, self.image_size, antialias=self.antialias)
 
     def score_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(list(prompts)).to(self.device)

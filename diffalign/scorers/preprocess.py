@@ -15,8 +15,9 @@ PIL paths reproduce the official transforms pixel for pixel:
   default changed in 0.17 (False before); the official package pins neither, so it is an argument, False
   by default (the torchvision of HPSv2's release).
 
-Tensor paths take B×3×H×W in [0, 1] and use ``torch.nn.functional.interpolate`` (bicubic, antialiased), so
-gradients flow; they are close to, not identical with, the PIL paths (benchmarks/scorer_preprocess_parity.py).
+Tensor paths take B×3×H×W in [0, 1] and use ``torch.nn.functional.interpolate`` (bicubic), so gradients flow.
+The centre-crop ones antialias and are close to, not identical with, PIL's resize; the letterbox one is the
+official transform itself (benchmarks/scorer_parity.py measures both).
 """
 
 from __future__ import annotations
@@ -113,11 +114,12 @@ def clip_center_crop_tensor(pixels: torch.Tensor, size: int = 224, crop: str = "
     return normalize(pixels[..., top : top + size, left : left + size], mean, std)
 
 
-def letterbox_tensor(pixels: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """Differentiable `letterbox` on B×3×H×W in [0, 1] (always antialiased)."""
+def letterbox_tensor(pixels: torch.Tensor, size: int = 224, antialias: bool = False) -> torch.Tensor:
+    """Differentiable `letterbox` on B×3×H×W in [0, 1]: the official transform is itself tensor ops, so this
+    equals the PIL path up to the uint8 rounding of the input."""
     check_unit_tensor(pixels)
     h, w = pixels.shape[-2:]
     scale = size / max(h, w)
     if scale != 1.0:
-        pixels = F.interpolate(pixels, size=(round(h * scale), round(w * scale)), mode="bicubic", align_corners=False, antialias=True)
+        pixels = F.interpolate(pixels, size=(round(h * scale), round(w * scale)), mode="bicubic", align_corners=False, antialias=antialias)
     return normalize(_pad_centred(pixels, size))

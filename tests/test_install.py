@@ -18,9 +18,11 @@ import diffalign, diffalign.pipelines, diffalign.eval, diffalign.configs
 from importlib import resources
 names = sorted(p.name for p in resources.files("diffalign.configs").iterdir() if p.name.endswith(".yaml"))
 print(diffalign.__file__); print(diffalign.pipelines.__file__); print(diffalign.eval.__file__); print(",".join(names))
-data = [("diffalign.scorers", "data/visionreward/weight_select.json"), ("diffalign.scorers", "data/visionreward/LICENSE"),
-        ("diffalign.eval", "data/parti/PartiPrompts.tsv"), ("diffalign.eval", "data/parti/LICENSE")]
-print(",".join(str(resources.files(pkg).joinpath(name).is_file()) for pkg, name in data))
+from pathlib import Path
+root, evaluation = Path(diffalign.__file__).parent, Path(diffalign.eval.__file__).parent
+data = [root / "scorers/data/visionreward/weight_select.json", root / "scorers/data/visionreward/LICENSE",
+        evaluation / "data/parti/PartiPrompts.tsv", evaluation / "data/parti/LICENSE"]
+print(",".join(str(f.is_file()) for f in data))
 """
 
 

@@ -47,6 +47,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     return subprocess.run([sys.executable, "-m", "diffalign", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are fastest on one torch thread; several fight each other (and any other job) on a small CPU.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``; the count is restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_parquet(tmp_path_factory) -> Path:
     """A Pick-a-Pic-v2-format parquet (caption, jpg_0, jpg_1, label_0) of 16 generated scene pairs."""

@@ -36,13 +36,7 @@ def _cfg(cache_dir, model: str = "builtin:tiny-sdxl", **source):
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny pipelines are fastest on one thread; several fight each other (and any other job) on a small CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from tiny_scorers import (MPS_TINY_CROSS, PROMPTS, images, official_mps, officia
 THRESHOLDS = (0.3, 0.01, 0.8)  # the eval scripts', training's, and one that masks most tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes intra-op threads very slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,10 @@ from PIL import Image
 Images = Union[Sequence[Image.Image], torch.Tensor]
 
 
+class ScorerConfigError(ValueError):
+    """An unknown scorer, a bad scorer option, or weight files that were not given and are not in the weights folder."""
+
+
 @dataclass(frozen=True)
 class Preference:
     prob: torch.Tensor  # (B,) P(a preferred over b)

@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
 
-from diffalign.scorers.base import ModelScorer
-from diffalign.scorers.hf_clip import clip_cosine, load_clip_model, load_clip_tokenizer
-from diffalign.scorers.preprocess import clip_center_crop, clip_center_crop_tensor
+from diffalign.scorers.base import ScorerConfigError
+from diffalign.scorers.hf_clip import CLIPFolderScorer, clip_cosine
 
 CONVENTIONS = {
     "hessel": ("A photo depicts ", lambda cos: 2.5 * cos.clamp(min=0)),
@@ -29,23 +27,15 @@ CONVENTIONS = {
 }
 
 
-class CLIPScore(ModelScorer):
+class CLIPScore(CLIPFolderScorer):
     name = "clipscore"
+    crop = "torchvision"
 
     def __init__(self, path: str | Path, tokenizer: str | Path | None = None, convention: str = "hessel", **options):
-        super().__init__(**options)
         if convention not in CONVENTIONS:
-            raise ValueError(f"clipscore convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
+            raise ScorerConfigError(f"clipscore convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
+        super().__init__(path, tokenizer, **options)
         self.convention = convention
-        self.model = load_clip_model(path, dtype=self.dtype).to(self.device)
-        self.tokenizer = load_clip_tokenizer(path, tokenizer)
-        self.image_size = self.model.config.vision_config.image_size
-
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return clip_center_crop(images, self.image_size, crop="torchvision")
-
-    def preprocess_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
-        return clip_center_crop_tensor(pixels, self.image_size, crop="torchvision")
 
     def score_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         prefix, transform = CONVENTIONS[self.convention]

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
+from PIL import Image
 
+from diffalign.scorers.base import ModelScorer
+from diffalign.scorers.preprocess import clip_center_crop, clip_center_crop_tensor
 from diffalign.scorers.weights import ScorerWeightsError, load_exact, read_state_dict
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -84,3 +88,22 @@ def clip_cosine(model, tokenizer, pixels: torch.Tensor, prompts, padding="longes
     image = image / image.norm(dim=-1, keepdim=True)
     text = text / text.norm(dim=-1, keepdim=True)
     return (image * text).sum(-1)
+
+
+class CLIPFolderScorer(ModelScorer):
+    """A scorer on a transformers CLIP folder: the model, its tokenizer, and centre-crop preprocessing in the
+    variant ``crop`` names (`preprocess.clip_center_crop`). Subclasses give `score_pixels`."""
+
+    crop = "hf"
+
+    def __init__(self, path: str | Path, tokenizer: str | Path | None = None, **options):
+        super().__init__(**options)
+        self.model = load_clip_model(path, dtype=self.dtype).to(self.device)
+        self.tokenizer = load_clip_tokenizer(path, tokenizer)
+        self.image_size = self.model.config.vision_config.image_size
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return clip_center_crop(images, self.image_size, crop=self.crop)
+
+    def preprocess_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        return clip_center_crop_tensor(pixels, self.image_size, crop=self.crop)

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from diffalign.scorers.base import ModelScorer, Preference
+from diffalign.scorers.base import ModelScorer, Preference, ScorerConfigError
 from diffalign.scorers.preprocess import letterbox, letterbox_tensor
 from diffalign.scorers.weights import load_exact, read_state_dict, strip_prefix
 
@@ -37,7 +37,7 @@ def open_clip_config(architecture: str | dict | Path) -> dict:
         return json.loads(Path(architecture).read_text())
     config = open_clip.get_model_config(str(architecture))
     if config is None:
-        raise ValueError(f"unknown open_clip architecture {architecture!r}")
+        raise ScorerConfigError(f"unknown open_clip architecture {architecture!r}")
     return config
 
 
@@ -50,7 +50,7 @@ class HPSv2(ModelScorer):
 
         super().__init__(**options)
         if version not in VERSIONS:
-            raise ValueError(f"HPS version must be one of {sorted(VERSIONS)}, got {version!r}")
+            raise ScorerConfigError(f"HPS version must be one of {sorted(VERSIONS)}, got {version!r}")
         self.name, self.antialias = version, antialias
         config = open_clip_config(architecture)
         self.model = open_clip.CLIP(**config)

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from diffalign.scorers.base import ModelScorer, Preference
+from diffalign.scorers.base import ModelScorer, Preference, ScorerConfigError
 from diffalign.scorers.hf_clip import OPTIONAL_KEYS, load_clip_tokenizer
 from diffalign.scorers.preprocess import clip_center_crop, clip_center_crop_tensor
 from diffalign.scorers.restricted_pickle import PickledObject, load_restricted, module_state_dict
@@ -405,7 +405,7 @@ class MPS(ModelScorer):
                  cross_config: Mapping[str, int] | None = None, **options):
         super().__init__(**options)
         if not 0.0 <= mask_threshold < 1.0:  # the prompt's best token scores 1; τ ≥ 1 would mask every token
-            raise ValueError(f"mask_threshold must be in [0, 1), got {mask_threshold}")
+            raise ScorerConfigError(f"mask_threshold must be in [0, 1), got {mask_threshold}")
         tokenizer_dir = tokenizer if tokenizer is not None else clip_config
         if tokenizer_dir is None or isinstance(tokenizer_dir, Mapping) or not Path(tokenizer_dir).is_dir():
             raise ScorerWeightsError(f"{path}: MPS needs the CLIP-H tokenizer; pass tokenizer=DIR (a folder with "

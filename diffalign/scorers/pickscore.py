@@ -11,31 +11,17 @@ processor from ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``: CLIP centre-crop prepr
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
 
-from diffalign.scorers.base import ModelScorer, Preference
-from diffalign.scorers.hf_clip import clip_cosine, load_clip_model, load_clip_tokenizer
-from diffalign.scorers.preprocess import clip_center_crop, clip_center_crop_tensor
+from diffalign.scorers.base import Preference
+from diffalign.scorers.hf_clip import CLIPFolderScorer, clip_cosine
 
 
-class PickScore(ModelScorer):
+class PickScore(CLIPFolderScorer):
     name = "pickscore"
-
-    def __init__(self, path: str | Path, tokenizer: str | Path | None = None, **options):
-        super().__init__(**options)
-        self.model = load_clip_model(path, dtype=self.dtype).to(self.device)
-        self.tokenizer = load_clip_tokenizer(path, tokenizer)
-        self.image_size = self.model.config.vision_config.image_size
-
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return clip_center_crop(images, self.image_size, crop="hf")
-
-    def preprocess_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
-        return clip_center_crop_tensor(pixels, self.image_size, crop="hf")
+    crop = "hf"
 
     def score_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         cos = clip_cosine(self.model, self.tokenizer, pixels, prompts, padding="longest")

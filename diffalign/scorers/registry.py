@@ -16,13 +16,9 @@ from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
 
-from diffalign.scorers.base import Scorer
+from diffalign.scorers.base import Scorer, ScorerConfigError
 
 WEIGHTS_ENV = "DIFFALIGN_WEIGHTS"
-
-
-class ScorerConfigError(ValueError):
-    """An unknown scorer, or a scorer whose weight files were not given and are not in the weights folder."""
 
 
 def _callable(target: str | Callable) -> Callable:

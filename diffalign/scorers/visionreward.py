@@ -36,7 +36,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from diffalign.scorers.base import Images, as_uint8_arrays, check_batch
+from diffalign.scorers.base import Images, ScorerConfigError, as_uint8_arrays, check_batch
 from diffalign.scorers.checklist import Checklist, ChecklistScorer, Question
 
 DATA = files("diffalign.scorers") / "data" / "visionreward"
@@ -130,7 +130,7 @@ class VLMYesNoBackend:
         from transformers import AutoConfig, AutoProcessor
 
         if mode not in ("greedy", "probability"):
-            raise ValueError(f"mode must be 'greedy' or 'probability', got {mode!r}")
+            raise ScorerConfigError(f"mode must be 'greedy' or 'probability', got {mode!r}")
         self.model_path, self.mode, self.device = str(model_path), mode, torch.device(device)
         self.batch_size, self.max_new_tokens, self.vqascore_keys = batch_size, max_new_tokens, tuple(vqascore_keys)
         self.processor = AutoProcessor.from_pretrained(self.model_path, local_files_only=True)
@@ -155,7 +155,7 @@ class VLMYesNoBackend:
         for word in words:
             tokens = self.tokenizer.encode(word, add_special_tokens=False)
             if len(tokens) != 1:
-                raise ValueError(f"{self.model_path}: {word!r} is not a single token ({tokens}); pass other words")
+                raise ScorerConfigError(f"{self.model_path}: {word!r} is not a single token ({tokens}); pass other words")
             ids.append(tokens[0])
         return ids
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from diffalign.data.errors import DataError
 from diffalign.data.images import decode_image
@@ -87,16 +87,20 @@ def disagreements(a: FolderScores, b: FolderScores, p: Pairing, scorers: Sequenc
 
 def disagreement_grid(folder_a: Path, folder_b: Path, a: FolderScores, b: FolderScores, p: Pairing, scorers: Sequence[str],
                       k: int = 8, side: int = 256) -> Image.Image:
-    """Rows of A | B for the most disagreed pairs, with the prompt and each scorer's A and B scores."""
+    """Rows of A | B (the folders' names on top) for the most disagreed pairs, with the prompt and each scorer's
+    A and B scores."""
     rows = disagreements(a, b, p, scorers, k)
-    text_h = 14 * (1 + len(scorers))
-    grid = Image.new("RGB", (2 * side, max(1, len(rows)) * (side + text_h)), "white")
+    text_h, head = 14 * (1 + len(scorers)), 16
+    grid = Image.new("RGB", (2 * side, head + max(1, len(rows)) * (side + text_h)), "white")
     draw = ImageDraw.Draw(grid)
+    draw.text((2, 2), f"A: {folder_a.name}", fill="black")
+    draw.text((side + 2, 2), f"B: {folder_b.name}", fill="black")
     for r, j in enumerate(rows):
-        top = r * (side + text_h)
+        top = head + r * (side + text_h)
         for c, (folder, res, idx) in enumerate(((folder_a, a, p.a[j]), (folder_b, b, p.b[j]))):
             image = decode_image(folder / res.records[idx].file)
-            image.thumbnail((side, side))
+            upscale = max(image.size) < side  # small images (the toy world's 32 px) stay crisp
+            image = ImageOps.contain(image, (side, side), Image.Resampling.NEAREST if upscale else Image.Resampling.BICUBIC)
             grid.paste(image, (c * side, top + text_h))
         draw.text((2, top + 1), a.records[p.a[j]].prompt[:90], fill="black")
         for n, s in enumerate(scorers, 1):

@@ -147,6 +147,11 @@ class SyntheticSource(Section):
         description="Reward models by registry name (`diffalign.scorers.available()`); each scores every image, and "
         "φ(x^i) = Σ_scorers Σ_{j≠i} ([s_i > s_j] + ½[s_i = s_j]) / (n·(K−1)). Raw per-scorer scores are stored too.",
     )
+    scorer_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Options per scorer, e.g. {pickscore: {path: /models/PickScore_v1, device: cuda}}; weight files left out "
+        "are looked up in $DIFFALIGN_WEIGHTS under their release names (docs/scorers.md).",
+    )
     num_inference_steps: int = Field(20, ge=1, description="DDIM sampling steps per image.")
     guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale while sampling.")
     seed: int = Field(
@@ -191,6 +196,13 @@ class SyntheticSource(Section):
         if len(set(v)) != len(v):
             raise ValueError("each scorer may be listed once")
         return v
+
+    @model_validator(mode="after")
+    def _check_scorer_options(self):
+        stray = sorted(set(self.scorer_options) - set(self.scorers))
+        if stray:
+            raise ValueError(f"scorer_options for {', '.join(map(repr, stray))}, which `scorers` does not list ({', '.join(self.scorers)})")
+        return self
 
     def prompt_list(self) -> list[str]:
         """The resolved prompts, capped at `num_prompts`."""

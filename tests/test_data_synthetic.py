@@ -335,3 +335,23 @@ def test_unsupported_resolution_is_reported():
     cfg = validate_config({"data": {"source": _source(resolution=30), "resolution": RES}})
     with pytest.raises(DataError, match="not divisible by the VAE's spatial factor"):
         next(open_source(cfg.data.source, cfg).items())
+
+
+def test_a_reward_model_ranks_synthetic_data_through_its_options(tmp_path, sdxl):
+    """A weight-loading scorer (PickScore on a tiny random CLIP folder) scores the synthetic images; its options,
+    and the fingerprint of its weight files, are part of the cache's identity."""
+    from tiny_scorers import write_clip_folder
+
+    clip = write_clip_folder(tmp_path / "PickScore_v1")
+    options = {"pickscore": {"path": str(clip)}}
+    cfg = _cfg(tmp_path / "cache", scorers=["toy-checklist", "pickscore"], scorer_options=options, num_prompts=2)
+    prepare_cache(cfg, sdxl, progress=False)
+    ds = LatentPairDataset(cfg.data.cache_dir, cfg.data)
+    picks = ds.extra_scores["pickscore"]
+    assert picks.shape == (2, K) and np.isfinite(picks).all() and np.ptp(picks) > 0
+    digest = open_source(cfg.data.source, cfg).digest()
+    other = write_clip_folder(tmp_path / "other", seed=1)
+    assert open_source(_cfg(tmp_path / "c2", scorers=["toy-checklist", "pickscore"], scorer_options={"pickscore": {"path": str(other)}},
+                            num_prompts=2).data.source, cfg).digest() != digest
+    with pytest.raises(ConfigError, match="scorer_options for 'hpsv21', which `scorers` does not list"):
+        _cfg(tmp_path / "c3", scorer_options={"hpsv21": {"path": "x"}})

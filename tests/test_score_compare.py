@@ -134,3 +134,20 @@ def test_compare_pairs_by_prompt_and_seed_whatever_the_file_names(tmp_path):
     assert report["paired_by"] == "prompt+seed" and report["pairs"] == 8
     assert (got["win_rate"], got["ci_low"], got["ci_high"]) == pytest.approx((expected.win_rate, expected.ci_low, expected.ci_high))
     assert Image.open(tmp_path / "cmp" / "disagreements.png").height > 0
+
+
+def test_scoring_keeps_at_most_workers_plus_one_batches_in_memory(tmp_path, monkeypatch):
+    """Decoding runs ahead of the models by at most `workers` batches, however many images the folder holds."""
+    import diffalign.eval.folderscore as fs
+    from diffalign.scorers import load_scorer
+
+    folder = tmp_path / "imgs"
+    recs = toy_folder(folder, n=40)
+    loaded, seen_when_run = [], []
+    real_load, real_run = fs._load_batch, fs._run
+    monkeypatch.setattr(fs, "_load_batch", lambda *a: (loaded.append(1), real_load(*a))[1])
+    monkeypatch.setattr(fs, "_run", lambda *a: (seen_when_run.append(len(loaded)), real_run(*a))[1])
+    result = fs.score_records(folder, recs, {"toy-checklist": load_scorer("toy-checklist")}, batch_size=2, workers=3, progress=False)
+    assert len(result.records) == 40 and len(seen_when_run) == 20
+    for i, n in enumerate(seen_when_run):  # while batch i is scored, batches i+1 .. i+3 at most have been decoded
+        assert n <= i + 1 + 3

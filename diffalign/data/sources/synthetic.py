@@ -136,7 +136,7 @@ class SyntheticGenerator:
                 "prompts_sha256": json_digest(self.prompts),
                 "images_per_prompt": self.k,
                 "scorers": list(c.scorers),
-                "scorer_identities": json_digest([scorer_identity(name) for name in c.scorers]),
+                "scorer_identities": json_digest([scorer_identity(name, **c.scorer_options.get(name, {})) for name in c.scorers]),
                 "score": PHI,
                 "num_inference_steps": c.num_inference_steps,
                 "guidance_scale": c.guidance_scale,
@@ -186,7 +186,7 @@ class SyntheticGenerator:
                         self._restore.append((module, was))
                     module.to("cuda")
         self._components, self._loaded = c, True
-        self._scorers = {name: load_scorer(name) for name in self.cfg.scorers}
+        self._scorers = {name: load_scorer(name, **self.cfg.scorer_options.get(name, {})) for name in self.cfg.scorers}
 
     def close(self) -> None:
         """Release the pipeline and scorers; modules of shared components go back to their devices."""

@@ -69,10 +69,6 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
-def describe() -> dict[str, str]:
-    return {name: REGISTRY[name].what for name in available()}
-
-
 def _entry(name: str) -> Entry:
     if name not in REGISTRY:
         raise ScorerConfigError(f"unknown scorer {name!r}; available: {', '.join(available())}")

@@ -113,6 +113,8 @@ def measure(image: np.ndarray) -> Measurement:
     """
     img = image.astype(np.float64)
     h, w, _ = img.shape
+    if h != w:
+        raise ValueError(f"the toy checklist measures square images (the toy world's scenes), got {w}x{h}")
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     bg = np.median(border, axis=0)
     dist = np.linalg.norm(img - bg, axis=-1)

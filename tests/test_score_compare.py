@@ -10,7 +10,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import run_cli, shuffle_folder

@@ -152,7 +152,6 @@ def test_greedy_answers_follow_the_generated_reply(vlm_dir, monkeypatch):
     end = backend.tokenizer.eos_token_id
 
     def scripted(self, **batch):  # replies "yes<|im_end|>" for the first row, "yes yes" (no end) for the second
-        n = batch["input_ids"].shape[1]
         rows = [[yes_id, end, yes_id, yes_id], [yes_id, yes_id, yes_id, yes_id]]
         return torch.cat([batch["input_ids"], torch.tensor(rows[: len(batch["input_ids"])])], dim=1)
 

@@ -164,7 +164,5 @@ def build_manifest(cfg: Config, components: Components, root: Path, identity: di
     }
 
 
-def _read_empty(root: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def _read_empty(root: Path) -> dict:
     return load_file(str(root / TEXT_EMPTY))

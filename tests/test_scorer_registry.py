@@ -72,3 +72,17 @@ def test_the_weights_folder_gives_the_same_scorer_as_explicit_paths(weights):
     mps = load_scorer("mps", weights_dir=weights).score(ims, prompts)
     ref = MPS(weights / "MPS_overall_checkpoint.pth", tokenizer=weights / "CLIP-ViT-H-14-laion2B-s32B-b79K").score(ims, prompts)
     torch.testing.assert_close(mps["overall"], ref["overall"])
+
+
+def test_every_model_scorer_runs_in_bfloat16_close_to_float32(weights):
+    """dtype-aware: bfloat16 weights and activations give the float32 scores to bf16 precision, as float32 tensors
+    on both paths."""
+    ims, prompts = tiny.images(sizes=((256, 256), (300, 200))), tiny.PROMPTS[:2]
+    for name in available():
+        if not REGISTRY[name].weights:
+            continue
+        full = load_scorer(name, weights_dir=weights, dtype=torch.float32, **TINY_OPTIONS.get(name, {})).score(ims, prompts)["overall"]
+        half = load_scorer(name, weights_dir=weights, dtype=torch.bfloat16, **TINY_OPTIONS.get(name, {}))
+        got = half.score(ims, prompts)["overall"]
+        assert got.dtype == torch.float32 and (got - full).abs().max() <= 0.05 * full.abs().max() + 1e-3, (name, full, got)
+        assert half.score(torch.rand(2, 3, 64, 64), prompts)["overall"].dtype == torch.float32, name

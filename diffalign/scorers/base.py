@@ -66,7 +66,7 @@ class ModelScorer:
     A subclass gives `preprocess` (PIL images -> model pixels, the official transform), `preprocess_tensor`
     (the differentiable version) and `score_pixels` (model pixels and prompts -> {dimension: (B,)}), and
     overrides `preference` where its training loss defines a calibration. PIL inputs are scored without
-    gradients and returned as float32 on the CPU; tensor inputs keep their graph and device.
+    gradients and returned as float32 on the CPU; tensor inputs keep their graph and device (float32 too).
     """
 
     name: str = "model"
@@ -93,7 +93,7 @@ class ModelScorer:
             part, texts = images[i : i + self.batch_size], list(prompts[i : i + self.batch_size])
             if tensor_path:
                 pixels = self.preprocess_tensor(part.to(self.device, torch.float32))
-                chunks.append(self.score_pixels(pixels.to(self.dtype), texts))
+                chunks.append({k: v.float() for k, v in self.score_pixels(pixels.to(self.dtype), texts).items()})
             else:
                 with torch.no_grad():
                     pixels = self.preprocess(part).to(self.device, self.dtype)

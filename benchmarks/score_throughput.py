@@ -19,7 +19,6 @@ reported ratio is median(score) / median(bare). torch uses `--threads` threads i
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,12 +129,7 @@ def main(argv=None) -> int:
              + "".join(f"| {k} | {median[k]:.2f} | {result['images_per_second'][k]:.1f} |\n" for k in ("bare", "score"))
              + f"\nscore / bare = **{result['ratio_score_over_bare']:.3f}** ({args.images} images of {args.size}², batch "
                f"{args.batch_size}, {args.workers} decoding threads, {args.threads} torch threads, {args.preset})\n")
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(table)
+    write_report(args.out, result, table)
     return 0
 
 

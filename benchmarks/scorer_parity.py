@@ -13,13 +13,14 @@ the [0, 1] range), and the mean gap relative to the std of the PIL pixels.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ((512, 512), (768, 512), (1024, 1024), (300, 450), (224, 224), (97, 150))  # (width, height)
@@ -89,12 +90,7 @@ def main(argv=None) -> int:
                                     "relative_to_pixel_std": float(np.mean(gaps) / np.mean(spreads))}
     table = "| transform | mean abs gap | max abs gap | mean gap / pixel std |\n|---|---:|---:|---:|\n" + "".join(
         f"| {k} | {v['mean_abs']:.4f} | {v['max_abs']:.3f} | {v['relative_to_pixel_std']:.4f} |\n" for k, v in result["families"].items())
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(table)
+    write_report(args.out, result, table)
     return 0
 
 

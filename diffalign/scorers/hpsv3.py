@@ -245,7 +245,7 @@ class HPSv3(ModelScorer):
         config = AutoConfig.from_pretrained(str(base), local_files_only=True)
         self.image_token_id = config.image_token_id
         model = build_reward_model(config, len(self.tokenizer), self.dtype)
-        sd = read_state_dict(path, unwrap=("model",))
+        sd = read_state_dict(path, unwrap=("model",), lazy=True)  # 7B: read tensor by tensor into the model
         load_exact(model, installed_layout(sd, model.state_dict().keys()), str(path))
         model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = model.to(self.device).eval().requires_grad_(False)

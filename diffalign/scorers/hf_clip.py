@@ -44,7 +44,7 @@ def load_clip_model(path: str | Path, vision_only: bool = False, dtype: torch.dt
     folder = clip_folder(path)
     raw = json.loads((folder / "config.json").read_text())
     file = weight_file(folder)
-    sd = read_state_dict(file)
+    sd = read_state_dict(file, lazy=True)  # safetensors: copied tensor by tensor, not held twice
     if vision_only:
         config = CLIPConfig.from_dict(raw) if "vision_config" in raw else None
         from transformers import CLIPVisionConfig

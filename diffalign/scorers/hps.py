@@ -54,7 +54,7 @@ class HPSv2(ModelScorer):
         self.name, self.antialias = version, antialias
         config = open_clip_config(architecture)
         self.model = open_clip.CLIP(**config)
-        sd = read_state_dict(path)
+        sd = read_state_dict(path, lazy=True)
         if all(k.startswith("module.") for k in sd):
             sd = strip_prefix(sd, "module.")
         load_exact(self.model, sd, str(path))

@@ -101,6 +101,17 @@ def _scorer_options(args: argparse.Namespace) -> dict[str, dict]:
     return options
 
 
+def _read_folder(folder, prompts):
+    """The folder's records; images the prompts do not cover are said (they are not scored)."""
+    from diffalign.eval.imagefolder import read_folder, unlisted
+
+    records = read_folder(folder, prompts)
+    extra = unlisted(folder, records)
+    if extra:
+        print(f"note: {len(extra)} image(s) in {folder} have no prompt and are not scored (e.g. {extra[0]})", file=sys.stderr)
+    return records
+
+
 def _load_scorers(args: argparse.Namespace) -> dict:
     from diffalign.scorers.registry import ScorerConfigError, load_scorers
 
@@ -116,9 +127,8 @@ def _cmd_score(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from diffalign.eval.folderscore import score_records, summary_table
-    from diffalign.eval.imagefolder import read_folder
 
-    records = read_folder(args.dir, args.prompts)
+    records = _read_folder(args.dir, args.prompts)
     scorers = _load_scorers(args)
     result = score_records(args.dir, records, scorers, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
     paths = result.write(Path(args.out) if args.out else Path(args.dir) / "scores")
@@ -136,12 +146,11 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
     from diffalign.eval.compare import compare_scores, disagreement_grid, markdown_table
     from diffalign.eval.folderscore import score_records
-    from diffalign.eval.imagefolder import read_folder
     from diffalign.io import atomic_write_text
 
     out = Path(args.out)
     folders = [Path(args.dir_a), Path(args.dir_b)]
-    records = [read_folder(folders[0], args.prompts_a), read_folder(folders[1], args.prompts_b)]
+    records = [_read_folder(folders[0], args.prompts_a), _read_folder(folders[1], args.prompts_b)]
     scorers = _load_scorers(args)
     results = [score_records(f, r, scorers, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
                for f, r in zip(folders, records)]

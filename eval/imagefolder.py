@@ -102,6 +102,12 @@ def read_folder(folder: str | Path, prompts: str | Path | None = None) -> list[I
     return records
 
 
+def unlisted(folder: str | Path, records: Sequence[ImageRecord]) -> list[str]:
+    """Images in ``folder`` that no record names (a metadata file that does not cover the folder)."""
+    named = {r.file for r in records}
+    return [f for f in image_files(Path(folder)) if f not in named]
+
+
 def write_folder(folder: str | Path, images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int | None],
                  **settings) -> list[ImageRecord]:
     """Save images as ``00000.png``, ... with ``metadata.jsonl`` (written last, atomically); ``settings``

@@ -58,11 +58,13 @@ def test_score_cli_writes_rows_equal_to_in_memory_scores_and_skips_unreadable_im
     recs = toy_folder(folder)
     (folder / recs[1].file).write_bytes(b"not a png")  # corrupt
     (folder / recs[4].file).unlink()  # listed but missing
+    Image.new("RGB", (8, 8)).save(folder / "extra.png")  # not in the metadata: said, not scored
     clip = write_clip_folder(tmp_path / "clip")
     result = run_cli("score", str(folder), "--scorers", "toy-checklist,pickscore", "--scorer-option", f"pickscore.path={clip}",
                      "--batch-size", "2", "--workers", "2", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "skipped 00001.png" in result.stderr and "skipped 00004.png: image file not found" in result.stderr
+    assert "note: 1 image(s) in" in result.stderr and "extra.png" in result.stderr
     assert "toy-checklist" in result.stdout and "pickscore" in result.stdout and "mean" in result.stdout
     rows = list(csv.DictReader(open(folder / "scores.csv")))
     kept = [r for i, r in enumerate(recs) if i not in (1, 4)]

@@ -131,6 +131,11 @@ def test_aesthetic_matches_the_official_formula(tmp_path):
     torch.testing.assert_close(got["overall"], h.squeeze(-1), atol=1e-5, rtol=1e-4)
     pref = AestheticScorer(mlp_file, clip=clip_dir).prefer(ims, images(seed=3), PROMPTS)
     assert not pref.calibrated
+    # DiffSynth's safetensors conversion keeps the official keys
+    from safetensors.torch import save_file
+
+    save_file(sd, str(tmp_path / "aesthetic.safetensors"))
+    torch.testing.assert_close(AestheticScorer(tmp_path / "aesthetic.safetensors", clip=clip_dir).score(ims, PROMPTS)["overall"], got["overall"])
 
 
 def test_aesthetic_refuses_features_of_the_wrong_width(tmp_path):

@@ -101,3 +101,14 @@ def test_a_wrong_or_missing_key_fails_loudly(tmp_path, clip_dir):
             PickScore(folder)
     with pytest.raises(ScorerWeightsError, match="no tokenizer files"):
         PickScore(write_clip_folder(tmp_path / "notok", tokenizer=False))
+
+
+def test_repeated_prompts_are_encoded_once_and_score_as_alone(clip_dir):
+    from diffalign.scorers.pickscore import PickScore
+
+    scorer = PickScore(clip_dir)
+    ims = images()
+    prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[0], PROMPTS[3]]  # the long one padded beside the short one
+    together = scorer.score(ims, prompts)["overall"]
+    alone = torch.cat([scorer.score([im], [p])["overall"] for im, p in zip(ims, prompts)])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)

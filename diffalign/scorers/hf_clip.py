@@ -78,16 +78,25 @@ def projected(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def unique_prompts(prompts) -> tuple[list[str], torch.Tensor]:
+    """The distinct prompts in first-seen order, and each prompt's index among them. CLIP's text tower is
+    causal, so a prompt's pooled feature does not depend on the other prompts padded beside it."""
+    unique = list(dict.fromkeys(prompts))
+    position = {p: i for i, p in enumerate(unique)}
+    return unique, torch.tensor([position[p] for p in prompts], dtype=torch.long)
+
+
 def clip_cosine(model, tokenizer, pixels: torch.Tensor, prompts, padding="longest", max_length: int = 77) -> torch.Tensor:
     """(B,) cosine similarity of each image's and its prompt's projected CLIP embeddings (prompts
     truncated to ``max_length`` tokens, the end-of-text token kept)."""
-    tokens = tokenizer(list(prompts), padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+    unique, index = unique_prompts(prompts)  # several images per prompt: each prompt is encoded once
+    tokens = tokenizer(unique, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
     device = pixels.device
     image = projected(model.get_image_features(pixel_values=pixels))
     text = projected(model.get_text_features(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)))
     image = image / image.norm(dim=-1, keepdim=True)
     text = text / text.norm(dim=-1, keepdim=True)
-    return (image * text).sum(-1)
+    return (image * text[index.to(device)]).sum(-1)
 
 
 class CLIPFolderScorer(ModelScorer):

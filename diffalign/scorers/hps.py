@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from diffalign.scorers.base import ModelScorer, Preference, ScorerConfigError
+from diffalign.scorers.hf_clip import unique_prompts
 from diffalign.scorers.preprocess import letterbox, letterbox_tensor
 from diffalign.scorers.weights import load_exact, read_state_dict, strip_prefix
 
@@ -69,10 +70,10 @@ class HPSv2(ModelScorer):
         return letterbox_tensor(pixels, self.image_size, antialias=self.antialias)
 
     def score_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        tokens = self.tokenizer(list(prompts)).to(self.device)
+        unique, index = unique_prompts(prompts)  # each prompt's text features once per batch
         image = self.model.encode_image(pixels, normalize=True)
-        text = self.model.encode_text(tokens, normalize=True)
-        return {"overall": (image * text).sum(-1)}
+        text = self.model.encode_text(self.tokenizer(unique).to(self.device), normalize=True)
+        return {"overall": (image * text[index.to(self.device)]).sum(-1)}
 
     def preference(self, score_a: torch.Tensor, score_b: torch.Tensor) -> Preference:
         scale = self.model.logit_scale.exp().float().to(score_a.device)

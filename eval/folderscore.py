@@ -68,7 +68,9 @@ class FolderScores:
 
 
 def _load_batch(folder: Path, batch: Sequence[ImageRecord], scorers: Mapping[str, Scorer]):
-    """Decode a batch and apply each model scorer's preprocessing (runs in a worker thread)."""
+    """Decode a batch and apply each model scorer's preprocessing (runs in a worker thread). An image that
+    cannot be decoded, or that a scorer's transform refuses (e.g. HPSv3's aspect-ratio limit), is skipped
+    with the reason; the rest of the batch is kept."""
     images, kept, skipped = [], [], []
     for r in batch:
         try:
@@ -76,8 +78,23 @@ def _load_batch(folder: Path, batch: Sequence[ImageRecord], scorers: Mapping[str
             kept.append(r)
         except CorruptImageError as e:
             skipped.append((r.file, e.reason))
-    inputs = {name: (s.preprocess(images) if isinstance(s, ModelScorer) and images else images) for name, s in scorers.items()}
-    return kept, inputs, skipped
+    try:
+        return kept, _preprocess(images, scorers), skipped
+    except ValueError:  # find the refused images one by one, keep the others
+        usable = []
+        for image, r in zip(images, kept):
+            try:
+                _preprocess([image], scorers)
+                usable.append((image, r))
+            except ValueError as e:
+                skipped.append((r.file, str(e)))
+        images, kept = [im for im, _ in usable], [r for _, r in usable]
+        return kept, _preprocess(images, scorers), skipped
+
+
+def _preprocess(images, scorers: Mapping[str, Scorer]) -> dict:
+    """Each model scorer's official transform of the batch; other scorers take the PIL images."""
+    return {name: (s.preprocess(images) if isinstance(s, ModelScorer) and images else images) for name, s in scorers.items()}
 
 
 def _run(scorer: Scorer, inputs, prompts: list[str]) -> dict[str, torch.Tensor]:

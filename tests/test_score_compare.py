@@ -10,6 +10,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import run_cli, shuffle_folder
@@ -152,3 +153,28 @@ def test_scoring_keeps_at_most_workers_plus_one_batches_in_memory(tmp_path, monk
     assert len(result.records) == 40 and len(seen_when_run) == 20
     for i, n in enumerate(seen_when_run):  # while batch i is scored, batches i+1 .. i+3 at most have been decoded
         assert n <= i + 1 + 3
+
+
+def test_an_image_a_scorer_refuses_is_skipped_and_the_batch_kept(tmp_path):
+    """A transform that refuses one image (HPSv3 refuses aspect ratios above 200) skips that image only."""
+    from diffalign.eval.folderscore import score_records
+    from diffalign.scorers.base import ModelScorer
+
+    class WidthLimited(ModelScorer):
+        name = "width-limited"
+
+        def preprocess(self, images):
+            for im in images:
+                if im.width > 40:
+                    raise ValueError(f"{im.width} px is too wide")
+            return torch.stack([torch.tensor(float(im.width)) for im in images])
+
+        def score_pixels(self, pixels, prompts):
+            return {"overall": pixels}
+
+    folder = tmp_path / "imgs"
+    recs = toy_folder(folder, n=4)
+    Image.new("RGB", (64, 32)).save(folder / recs[2].file)
+    result = score_records(folder, recs, {"w": WidthLimited()}, batch_size=4, workers=1, progress=False)
+    assert [r.file for r in result.records] == [recs[i].file for i in (0, 1, 3)]
+    assert result.skipped == [(recs[2].file, "64 px is too wide")] and result.scores["w"].tolist() == [32.0, 32.0, 32.0]

@@ -112,3 +112,12 @@ def test_repeated_prompts_are_encoded_once_and_score_as_alone(clip_dir):
     together = scorer.score(ims, prompts)["overall"]
     alone = torch.cat([scorer.score([im], [p])["overall"] for im, p in zip(ims, prompts)])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_dtype_may_be_named(clip_dir):
+    from diffalign.scorers.base import ScorerConfigError
+    from diffalign.scorers.pickscore import PickScore
+
+    assert PickScore(clip_dir, dtype="bfloat16").model.dtype == torch.bfloat16
+    with pytest.raises(ScorerConfigError, match="unknown dtype 'half-ish'"):
+        PickScore(clip_dir, dtype="half-ish")

@@ -72,8 +72,12 @@ class ModelScorer:
     name: str = "model"
     dimensions: tuple[str, ...] = ("overall",)
 
-    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 16,
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32, batch_size: int = 16,
                  temperature: float = 1.0):
+        if isinstance(dtype, str):  # "bfloat16" from a config or the command line
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ScorerConfigError(f"unknown dtype {dtype!r} (float32, float16 or bfloat16)")
+            dtype = getattr(torch, dtype)
         self.device, self.dtype, self.batch_size, self.temperature = torch.device(device), dtype, batch_size, temperature
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:

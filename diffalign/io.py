@@ -99,16 +99,23 @@ def torch_save(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, f)
 
 
-def torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load`` with ``weights_only=True`` onto the CPU; any failure is a `SafeLoadError` naming the file."""
+def unsafe_weights_only_reason() -> str | None:
+    """Why this torch's ``weights_only`` unpickler cannot be trusted, or None (torch >= 2.6)."""
     import torch
 
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     if (major, minor) < (2, 6):
-        raise SafeLoadError(
-            f"{path}: refusing torch.load on torch {torch.__version__}; its weights_only loader can be "
-            "bypassed (CVE-2025-32434). Upgrade to torch>=2.6 or use safetensors."
-        )
+        return f"its weights_only loader can be bypassed on torch {torch.__version__} (CVE-2025-32434)"
+    return None
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load`` with ``weights_only=True`` onto the CPU; any failure is a `SafeLoadError` naming the file."""
+    import torch
+
+    reason = unsafe_weights_only_reason()
+    if reason:
+        raise SafeLoadError(f"{path}: refusing torch.load: {reason}. Upgrade to torch>=2.6 or use safetensors.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name

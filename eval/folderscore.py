@@ -99,9 +99,7 @@ def _preprocess(images, scorers: Mapping[str, Scorer]) -> dict:
 
 def _run(scorer: Scorer, inputs, prompts: list[str]) -> dict[str, torch.Tensor]:
     if isinstance(scorer, ModelScorer):
-        with torch.no_grad():
-            out = scorer.score_pixels(inputs.to(scorer.device, scorer.dtype), prompts)
-        return {k: v.float().cpu() for k, v in out.items()}
+        return scorer.score_batch(inputs, prompts)
     return {k: v.float().cpu() for k, v in scorer.score(inputs, prompts).items()}
 
 

@@ -60,7 +60,8 @@ def _read_jsonl(path: Path) -> list[ImageRecord]:
     return records
 
 
-def _prompt_list(path: Path) -> list[str]:
+def read_prompt_list(path: Path) -> list[str]:
+    """Prompts from a ``.json`` list of strings, or one per non-empty line of a text file."""
     if path.suffix == ".json":
         prompts = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
@@ -82,7 +83,7 @@ def read_folder(folder: str | Path, prompts: str | Path | None = None) -> list[I
             raise DataError(f"{prompts}: prompts file not found")
         if prompts.suffix == ".jsonl":
             return _read_jsonl(prompts)
-        texts = _prompt_list(prompts)
+        texts = read_prompt_list(prompts)
         if len(texts) != len(files):
             raise DataError(f"{prompts}: {len(texts)} prompts for {len(files)} images in {folder} (one per image, in file-name order)")
         return [ImageRecord(f, p) for f, p in zip(files, texts)]

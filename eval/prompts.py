@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from diffalign.data.errors import DataError
+from diffalign.eval.imagefolder import read_prompt_list
 
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 HPSV2_CHUNK = 80
@@ -56,10 +56,7 @@ def _prompt_file(root: str | Path, name: str) -> list[str]:
     root = Path(root)
     for path in (root / "benchmark" / f"{name}.json", root / f"{name}.json"):
         if path.is_file():
-            prompts = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-                raise DataError(f"{path}: expected a JSON list of prompt strings")
-            return prompts
+            return read_prompt_list(path)
     raise DataError(f"no {name}.json under {root} or {root / 'benchmark'} (a local copy of the hub's zhwang/HPDv2 benchmark folder)")
 
 

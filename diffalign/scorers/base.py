@@ -33,6 +33,12 @@ class Scorer(Protocol):
     name: str
     dimensions: tuple[str, ...]  # the keys `score` returns; always includes "overall"
 
+    def score_batch(self, pixels, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """`score_pixels` on one batch of `preprocess` output, without gradients, as float32 on the CPU."""
+        with torch.no_grad():
+            out = self.score_pixels(pixels.to(self.device, self.dtype), list(prompts))
+        return {k: v.float().cpu() for k, v in out.items()}
+
     def score(self, images: Images, prompts: Sequence[str]) -> dict[str, torch.Tensor]: ...
 
     def prefer(self, a: Images, b: Images, prompts: Sequence[str]) -> Preference: ...
@@ -89,6 +95,12 @@ class ModelScorer:
     def score_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def score_batch(self, pixels, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """`score_pixels` on one batch of `preprocess` output, without gradients, as float32 on the CPU."""
+        with torch.no_grad():
+            out = self.score_pixels(pixels.to(self.device, self.dtype), list(prompts))
+        return {k: v.float().cpu() for k, v in out.items()}
+
     def score(self, images: Images, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         n = check_batch(images, prompts)
         tensor_path = isinstance(images, torch.Tensor)
@@ -99,9 +111,7 @@ class ModelScorer:
                 pixels = self.preprocess_tensor(part.to(self.device, torch.float32))
                 chunks.append({k: v.float() for k, v in self.score_pixels(pixels.to(self.dtype), texts).items()})
             else:
-                with torch.no_grad():
-                    pixels = self.preprocess(part).to(self.device, self.dtype)
-                    chunks.append({k: v.float().cpu() for k, v in self.score_pixels(pixels, texts).items()})
+                chunks.append(self.score_batch(self.preprocess(part), texts))
         if not chunks:
             return {k: torch.zeros(0) for k in self.dimensions}
         return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}

@@ -75,7 +75,7 @@ from diffalign.scorers.base import ModelScorer, Preference, ScorerConfigError
 from diffalign.scorers.hf_clip import OPTIONAL_KEYS, load_clip_tokenizer
 from diffalign.scorers.preprocess import clip_center_crop, clip_center_crop_tensor
 from diffalign.scorers.restricted_pickle import PickledObject, load_restricted, module_state_dict
-from diffalign.scorers.weights import ScorerWeightsError, load_exact, read_state_dict
+from diffalign.scorers.weights import ScorerWeightsError, load_exact, read_state_dict, strip_prefix
 
 OVERALL_CONDITION = ("light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, "
                      "structure, instance, texture, quantity, attributes, position, number, location, word, things.")
@@ -364,7 +364,7 @@ def _strip_layout_prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         stripped = False
         for prefix in LAYOUT_PREFIXES:
             if all(k.startswith(prefix) for k in sd):
-                sd, stripped = {k[len(prefix):]: v for k, v in sd.items()}, True
+                sd, stripped = strip_prefix(sd, prefix), True
     return sd
 
 

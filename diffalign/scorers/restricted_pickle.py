@@ -25,6 +25,7 @@ from typing import Iterable
 
 import torch
 
+from diffalign.io import unsafe_weights_only_reason
 from diffalign.scorers.weights import ScorerWeightsError
 
 
@@ -85,10 +86,9 @@ def load_restricted(path: str | os.PathLike, allowed_classes: Iterable[str]):
     path = Path(path)
     if not path.is_file():
         raise ScorerWeightsError(f"{path}: weight file not found")
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    if (major, minor) < (2, 6):
-        raise ScorerWeightsError(f"{path}: refusing to unpickle on torch {torch.__version__}; its weights_only "
-                                 "loader can be bypassed (CVE-2025-32434). Upgrade to torch>=2.6.")
+    reason = unsafe_weights_only_reason()
+    if reason:
+        raise ScorerWeightsError(f"{path}: refusing to unpickle: {reason}. Upgrade to torch>=2.6.")
     allowed = sorted(set(allowed_classes))
     stand_ins = [(stand_in(name), name) for name in allowed]
     try:

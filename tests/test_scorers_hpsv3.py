@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tiny_scorers import PROMPTS, images, write_tiny_hpsv3, write_tiny_qwen2vl
+from tiny_scorers import PROMPTS, check_tensor_path, images, write_tiny_hpsv3, write_tiny_qwen2vl
 
 REWARD = "<|Reward|>"
 
@@ -235,17 +235,10 @@ def smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_tensor_path_is_differentiable_and_close(checkpoints, base):
-    from torchvision.transforms.functional import to_pil_image
-
     s = scorer(checkpoints, base)
     for size in (448, 224):  # no resize (only uint8 rounding differs), and a 2x bicubic upsampling
-        pixels = smooth_images(2, size).requires_grad_(True)
-        out = s.score(pixels, PROMPTS[:2])
-        (out["overall"].sum() + out["log_sigma"].sum()).backward()
-        assert pixels.grad is not None and pixels.grad.abs().sum() > 0
-        pil = s.score([to_pil_image(p) for p in pixels.detach()], PROMPTS[:2])["overall"]
-        tolerance = 0.01 if size == 448 else 0.05
-        assert (out["overall"].detach() - pil).abs().max() < tolerance * max(1.0, pil.abs().max().item())
+        check_tensor_path(s, smooth_images(2, size), PROMPTS[:2], dims=("overall", "log_sigma"),
+                          tolerance=0.01 if size == 448 else 0.05, floor=1.0)
 
 
 def test_preprocess_matches_the_transformers_processor(checkpoints, base):

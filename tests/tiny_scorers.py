@@ -588,3 +588,16 @@ def openai_clip_transform(size: int = 224):
 
     return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), lambda im: im.convert("RGB"),
                       T.ToTensor(), T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+
+
+def check_tensor_path(scorer, pixels: torch.Tensor, prompts, dims=("overall",), tolerance: float = 0.05, floor: float = 0.0):
+    """The differentiable path: gradients reach the pixels (finite, not all zero) through ``dims``, and its
+    overall score is within ``tolerance`` · max(``floor``, max |PIL score|) of the PIL path's on the same pixels."""
+    from torchvision.transforms.functional import to_pil_image
+
+    pixels = pixels.detach().requires_grad_(True)
+    out = scorer.score(pixels, prompts)
+    sum(out[d].sum() for d in dims).backward()
+    assert pixels.grad is not None and torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
+    pil = scorer.score([to_pil_image(p) for p in pixels.detach()], prompts)["overall"]
+    assert (out["overall"].detach() - pil).abs().max() < tolerance * max(floor, pil.abs().max().item())

@@ -39,19 +39,19 @@ def load_clip_model(path: str | Path, vision_only: bool = False, dtype: torch.dt
     """A ``transformers.CLIPModel`` built from the folder's config, every key of the file checked; with
     ``vision_only`` a ``CLIPVisionModelWithProjection`` from the file's ``vision_model.*`` and
     ``visual_projection.*`` entries (a full CLIP folder or a vision-only one)."""
-    from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     folder = clip_folder(path)
     raw = json.loads((folder / "config.json").read_text())
     file = weight_file(folder)
     sd = read_state_dict(file, lazy=True)  # safetensors: copied tensor by tensor, not held twice
     if vision_only:
-        config = CLIPConfig.from_dict(raw) if "vision_config" in raw else None
-        from transformers import CLIPVisionConfig
-
-        vision = config.vision_config if config is not None else CLIPVisionConfig.from_dict(raw)
-        if config is not None:
-            vision.projection_dim = config.projection_dim
+        if "vision_config" in raw:  # a full CLIP folder: its vision tower, with the model's projection width
+            full = CLIPConfig.from_dict(raw)
+            vision = full.vision_config
+            vision.projection_dim = full.projection_dim
+        else:
+            vision = CLIPVisionConfig.from_dict(raw)
         model = CLIPVisionModelWithProjection(vision)
         sd = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
     else:

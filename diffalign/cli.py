@@ -71,7 +71,8 @@ def _bench_settings(args: argparse.Namespace):
     from diffalign.eval.toybench import QUICK, BenchSettings
 
     settings = BenchSettings(methods=tuple(m for m in args.methods.split(",") if m), workdir=Path(args.workdir), overrides=tuple(args.set),
-                             eval_split=args.eval_split)
+                             eval_split=args.eval_split, cache_root=Path(args.cache_root) if args.cache_root else None,
+                             ledger=Path(args.ledger) if args.ledger else None, fresh=args.fresh)
     if args.quick:  # the CI-size configuration: the direction, not the number
         settings = dataclasses.replace(settings, **QUICK)
     return settings
@@ -82,6 +83,8 @@ def _cmd_bench_toy(args: argparse.Namespace) -> None:
 
     report = run_toy_bench(_bench_settings(args), args.out)
     print(markdown_table(report))
+    reuse = ", ".join(f"{name} {'reused' if r['reused'] else 'trained'} ({r['run_key']})" for name, r in report["methods"].items())
+    print(f"models: {reuse}; cache {report['settings']['cache_root']}")
     print(f"report: {args.out} (+ .md, .png)")
 
 
@@ -238,8 +241,10 @@ def _add_scorer_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description="Align text-to-image diffusion models with human preferences.")
     sub = parser.add_subparsers(dest="command", required=True)
+    from diffalign.config import METHOD_CONFIGS
+
     for name, fn, text in (
-        ("train", _cmd_train, "fine-tune from a YAML config (Diffusion-DPO, SFT)"),
+        ("train", _cmd_train, f"fine-tune from a YAML config (method.name: {', '.join(METHOD_CONFIGS)})"),
         ("prepare", _cmd_prepare, "encode a preference source into the latent-pair cache"),
     ):
         p = sub.add_parser(name, help=text, description=text)
@@ -252,10 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("toy", help=text, description=text)
     p.add_argument("--methods", default="dpo", help="comma-separated methods (SFT on the winners is always added)")
     p.add_argument("--out", default="outputs/bench_toy/report.json", help="report JSON path (a .md table and a .png grid beside it)")
-    p.add_argument("--workdir", default="outputs/bench_toy", help="cache and per-method outputs")
+    p.add_argument("--workdir", default="outputs/bench_toy", help="where runs.json lists the run directories this report used")
     p.add_argument("--quick", action="store_true", help="a small configuration (minutes): checks the direction only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every method's config; METHOD:KEY=VALUE for one method (e.g. dpo:method.beta=2000)")
     p.add_argument("--eval-split", default="held_out", choices=("held_out", "train"), help="train: tune methods without looking at held-out captions")
+    p.add_argument("--cache-root", default=None, help="data and trained models reused across runs by content key (default $XDG_CACHE_HOME/diffalign/bench or ~/.cache/diffalign/bench)")
+    p.add_argument("--ledger", default=None, help="held-out runs append one JSON line here (default CACHE_ROOT/ledger.jsonl)")
+    p.add_argument("--fresh", action="store_true", help="rebuild the data and retrain every method, replacing their cached entries")
     p.set_defaults(fn=_cmd_bench_toy)
     text = "the HPSv2 benchmark: images at IMAGES/<style>/<index:05d>.jpg scored as hpsv2/evaluation.py does"
     p = bench.add_parser("hpsv2", help=text, description=text)
@@ -268,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole loop on the embedded toy world: data, DPO, generation, scoring, table")
     p.add_argument("--out", default="outputs/demo/report.json")
     p.add_argument("--workdir", default="outputs/demo")
+    p.add_argument("--cache-root", default=None, help="data and trained models reused across runs (default as for bench toy)")
+    p.add_argument("--ledger", default=None, help="the run appends one JSON line here (default CACHE_ROOT/ledger.jsonl)")
+    p.add_argument("--fresh", action="store_true", help="rebuild the data and retrain, replacing the cached entries")
     p.set_defaults(fn=_cmd_bench_toy, methods="dpo", quick=False, set=[], eval_split="held_out")
     text = "score every image of a folder with one or more reward models"
     p = sub.add_parser("score", help=text, description=text)

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image
 
 from diffalign.data.errors import DataError
 from diffalign.data.images import decode_image
 from diffalign.eval.folderscore import FolderScores
 from diffalign.eval.imagefolder import ImageRecord
 from diffalign.eval.winrate import win_rate
+from diffalign.imagegrid import paint_grid
 
 
 @dataclass
@@ -88,24 +89,13 @@ def disagreements(a: FolderScores, b: FolderScores, p: Pairing, scorers: Sequenc
 def disagreement_grid(folder_a: Path, folder_b: Path, a: FolderScores, b: FolderScores, p: Pairing, scorers: Sequence[str],
                       k: int = 8, side: int = 256) -> Image.Image:
     """Rows of A | B (the folders' names on top) for the most disagreed pairs, with the prompt and each scorer's
-    A and B scores."""
-    rows = disagreements(a, b, p, scorers, k)
-    text_h, head = 14 * (1 + len(scorers)), 16
-    grid = Image.new("RGB", (2 * side, head + max(1, len(rows)) * (side + text_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((2, 2), f"A: {folder_a.name}", fill="black")
-    draw.text((side + 2, 2), f"B: {folder_b.name}", fill="black")
-    for r, j in enumerate(rows):
-        top = head + r * (side + text_h)
-        for c, (folder, res, idx) in enumerate(((folder_a, a, p.a[j]), (folder_b, b, p.b[j]))):
-            image = decode_image(folder / res.records[idx].file)
-            upscale = max(image.size) < side  # small images (the toy world's 32 px) stay crisp
-            image = ImageOps.contain(image, (side, side), Image.Resampling.NEAREST if upscale else Image.Resampling.BICUBIC)
-            grid.paste(image, (c * side, top + text_h))
-        draw.text((2, top + 1), a.records[p.a[j]].prompt[:90], fill="black")
-        for n, s in enumerate(scorers, 1):
-            draw.text((2, top + 1 + 14 * n), f"{s}: A {a.scores[s][p.a[j]]:.4f}  B {b.scores[s][p.b[j]]:.4f}", fill="black")
-    return grid
+    A and B scores above each pair; images fitted into `side`² cells (`diffalign.imagegrid.paint_grid`)."""
+    shown = disagreements(a, b, p, scorers, k)
+    rows = [[decode_image(folder_a / a.records[p.a[j]].file), decode_image(folder_b / b.records[p.b[j]].file)] for j in shown]
+    captions = [[a.records[p.a[j]].prompt[:90], *(f"{s}: A {a.scores[s][p.a[j]]:.4f}  B {b.scores[s][p.b[j]]:.4f}" for s in scorers)]
+                for j in shown]
+    return paint_grid(rows, cell=side, column_labels=[f"A: {folder_a.name}", f"B: {folder_b.name}"], header_pad=1,
+                      captions=captions, caption_lines=1 + len(scorers))
 
 
 def markdown_table(report: dict, name_a: str, name_b: str) -> str:

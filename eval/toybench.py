@@ -10,26 +10,55 @@
 
 The report records the hashes of the base weights, the scorer configuration and the held-out split, which
 are frozen before any method is tuned.
+
+Reuse (every method issue runs the bench many times): the synthetic cache and each trained model are stored
+under a content key in `cache_root` (default ``$XDG_CACHE_HOME/diffalign/bench``), so a second run, from any
+work directory, trains only the methods whose resolved config, data or package source code changed:
+
+- ``<cache_root>/data/<data key>``: the latent-pair cache; the key digests the method config's data section
+  (minus ``cache_dir``), the model fields that load and encode the base model, and the identity the cache's
+  manifest records (weights and source digests). The manifest check still refuses a mismatched reuse.
+- ``<cache_root>/runs/<run key>``: one `diffalign.trainers.loop.train` output directory; the key digests the
+  resolved method config (minus ``train.output_dir`` and ``data.cache_dir``), the data key, the package's
+  source code (`source_digest`: ANY change to a ``.py`` file of the package retrains) and `numerics()`
+  (library versions, device, CPU threads). A run directory is reused only when its ``done.json`` marker
+  (written last, atomically) exists.
+- ``<cache_root>/samples/<sample key>``: the evaluation images of the base model and of each trained model
+  (lossless PNG), keyed by the model (base weights digest, or run key), prompts, seeds, sampler settings,
+  source digest and `numerics()`; a model retrained in this run is always sampled again.
+- ``<cache_root>/ledger.jsonl``: one line per held-out run (date, git commit, run keys, win-rates,
+  settings), so every reported number can be traced and the number of held-out looks per method counted.
+
+Concurrent benches on one cache root wait for each other per key (a file lock where the OS offers
+``fcntl``), so an entry is built once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
+import os
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from diffalign.config import BUILTIN_TOY, ModelConfig, apply_overrides, read_yaml, shipped_config_path, validate_config
+from diffalign.config import BUILTIN_TOY, Config, ModelConfig, apply_overrides, read_yaml, shipped_config_path, validate_config
 from diffalign.data import prepare_cache
+from diffalign.data.identity import weights_digest
 from diffalign.eval.imagefolder import write_folder
 from diffalign.eval.winrate import win_rate
+from diffalign.imagegrid import paint_grid
+from diffalign.io import atomic_write_text
 from diffalign.models.loading import load_components
-from diffalign.models.sampling import sample_images
+from diffalign.models.sampling import load_trained_unet, sample_images
 from diffalign.scorers import load_scorer
 from diffalign.scorers.registry import scorer_identity
 from diffalign.toy.checklist import TOY_CHECKLIST
@@ -53,6 +82,9 @@ class BenchSettings:
     max_steps: int | None = None  # cap every method's training steps (quick runs)
     overrides: tuple[str, ...] = ()  # dotted overrides: "key=value" for every method's config, "dpo:key=value" for one
     seed: int = 0
+    cache_root: Path | None = None  # content-keyed data and trained models shared by runs (None: `default_cache_root()`)
+    ledger: Path | None = None  # held-out runs append a line here (None: <cache_root>/ledger.jsonl)
+    fresh: bool = False  # rebuild the data and retrain every method, replacing their cached entries
 
 
 # The CI-size configuration (`diffalign bench toy --quick`, tests/test_toybench.py): one ranked list per training
@@ -66,8 +98,6 @@ def _digest(obj) -> str:
 
 def frozen_hashes(model: str) -> dict[str, str]:
     """What must not change while methods are tuned: base weights, scorer, held-out split."""
-    from diffalign.data.identity import weights_digest
-
     return {
         "base_weights": _digest(weights_digest(ModelConfig(pretrained=model))),
         "scorer_config": _digest(scorer_identity(SCORER)),
@@ -75,23 +105,101 @@ def frozen_hashes(model: str) -> dict[str, str]:
     }
 
 
-def method_config(name: str, settings: BenchSettings):
-    """The method's shipped toy config, pointed at the bench's model, shared cache and output directory."""
+def default_cache_root() -> Path:
+    """``$XDG_CACHE_HOME/diffalign/bench``, or ``~/.cache/diffalign/bench`` when XDG_CACHE_HOME is unset."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "diffalign" / "bench"
+
+
+def resolve_cache_root(settings: BenchSettings) -> Path:
+    return Path(settings.cache_root) if settings.cache_root is not None else default_cache_root()
+
+
+def source_digest() -> str:
+    """sha256 over every ``*.py`` file under the `diffalign` package directory (relative path and bytes, sorted by path).
+
+    Part of every run key: any change to the package's code, even a comment, retrains (cheap to be sure; the
+    toy runs take seconds to minutes).
+    """
+    import diffalign
+
+    root = Path(diffalign.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        rel = path.relative_to(root).as_posix().encode()
+        body = path.read_bytes()
+        h.update(b"%d:%s%d:" % (len(rel), rel, len(body)) + body)
+    return h.hexdigest()
+
+
+# Model fields that change how the model trains, not which model loads or how it encodes: not part of the data key.
+_TRAINING_ONLY_MODEL_FIELDS = ("finetune", "lora", "reference_offload", "gradient_checkpointing", "attention")
+
+
+def data_key(cfg: Config) -> str:
+    """Key of the latent-pair cache a method config produces: its data section minus ``cache_dir``, the model fields
+    that load and encode the base model, the VAE's encode dtype, and the identity the cache's manifest must have
+    (`expected_identity` without components: format version, weights digests, the source's digest, which the
+    synthetic source derives from its settings, prompts, scorers and generating weights). Opening the source loads
+    no model, so the key is cheap; a change the manifest would refuse gives a new key (a new build), not an error."""
+    from diffalign.data.manifest import expected_identity
+    from diffalign.models.loading import vae_encode_dtype
+
+    dumped = cfg.model_dump(mode="json")
+    data = {k: v for k, v in dumped["data"].items() if k != "cache_dir"}
+    model = {k: v for k, v in dumped["model"].items() if k not in _TRAINING_ONLY_MODEL_FIELDS}
+    return _digest({"data": data, "model": model, "encode_dtype": str(vae_encode_dtype(cfg.model, cfg.train.mixed_precision)),
+                    "identity": expected_identity(cfg, None)})
+
+
+def numerics() -> dict[str, str | int | None]:
+    """What else decides a trained model's exact floats: library versions and the device (on CPU, the thread count)."""
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+
+    versions = {m.__name__: m.__version__ for m in (torch, diffusers, peft, transformers, accelerate)}
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {**versions, "cuda": cuda, "threads": torch.get_num_threads()}
+
+
+def run_key(cfg: Config, code: str) -> str:
+    """Key of a trained model: the resolved config minus its two paths, the data key, the source digest `code` and
+    `numerics()` (so a reused model is the one this machine would train, bit for bit)."""
+    dumped = cfg.model_dump(mode="json")
+    dumped["train"].pop("output_dir", None)
+    dumped["data"].pop("cache_dir", None)
+    return _digest({"config": dumped, "data": data_key(cfg), "code": code, "numerics": numerics()})
+
+
+def method_config(name: str, settings: BenchSettings, code: str | None = None) -> Config:
+    """The method's shipped toy config, pointed at the bench's model, with its data and output under content keys.
+
+    ``data.cache_dir`` becomes ``<cache_root>/data/<data_key(cfg)>`` and ``train.output_dir``
+    ``<cache_root>/runs/<run_key(cfg, code)>`` (the bench owns both paths: overrides of them are replaced).
+    `code` is `source_digest()` (computed when not given).
+    """
     path = shipped_config_path(f"toy/{name}")
     if path is None:
         raise ValueError(f"no toy config for method {name!r} (configs/toy/{name}.yaml)")
     raw = read_yaml(path)
     raw.setdefault("model", {})["pretrained"] = settings.model
     data = raw.setdefault("data", {})
-    data["cache_dir"] = str(settings.workdir / "cache")
     source = data.setdefault("source", {"kind": "synthetic"})
     source.update(prompts=[s.caption for s in TRAIN] * settings.train_rounds, images_per_prompt=settings.images_per_prompt,
                   scorers=[SCORER], num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                   seed=settings.seed)
-    raw.setdefault("train", {})["output_dir"] = str(settings.workdir / name)
+    raw.setdefault("train", {})
     if settings.max_steps is not None:
         raw["train"]["max_steps"] = settings.max_steps
-    return validate_config(apply_overrides(raw, method_overrides(name, settings.overrides)), origin=f"{path} (bench toy)")
+    raw = apply_overrides(raw, method_overrides(name, settings.overrides))
+    origin = f"{path} (bench toy)"
+    cfg = validate_config(raw, origin=origin)
+    root = resolve_cache_root(settings)
+    raw["data"]["cache_dir"] = str(root / "data" / data_key(cfg))
+    raw["train"]["output_dir"] = str(root / "runs" / run_key(cfg, source_digest() if code is None else code))
+    return validate_config(raw, origin=origin)
 
 
 def method_overrides(name: str, overrides: tuple[str, ...]) -> list[str]:
@@ -106,21 +214,151 @@ def method_overrides(name: str, overrides: tuple[str, ...]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on `path` (created if needed): concurrent benches build one cache entry once.
+
+    A no-op where the OS has no ``fcntl`` (Windows): there, run one bench per cache root at a time.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_data(cfg: Config, fresh: bool = False, progress: bool = True) -> bool:
+    """Build the config's latent-pair cache unless a complete one is there; True when it was reused.
+
+    `prepare_cache` resumes an unfinished build and refuses a cache whose manifest differs from the config.
+    `fresh` deletes the cached entry first.
+    """
+    root = Path(cfg.data.cache_dir)
+    with _locked(root.with_name(root.name + ".lock")):
+        if fresh and root.exists():
+            shutil.rmtree(root)
+        reused = (root / "manifest.json").is_file()
+        prepare_cache(cfg, progress=progress)
+    return reused
+
+
+DONE = "done.json"  # the marker of a complete run directory, written last
+
+
+def run_is_complete(run_dir: Path) -> bool:
+    """A run directory is reused only when training finished: exported config, summary and the marker all exist."""
+    return all((run_dir / f).is_file() for f in (DONE, "summary.json", "final/config.yaml"))
+
+
+def ensure_run(cfg: Config, fresh: bool = False) -> tuple[dict, bool]:
+    """Train `cfg` into its keyed ``train.output_dir`` unless a complete run is there; (done.json record, reused).
+
+    Training is `diffalign.trainers.loop.train`, the entry point of `diffalign train`. An incomplete directory
+    (a crash mid-training) is deleted and trained afresh, as is a complete one when `fresh`.
+    """
+    run_dir = Path(cfg.train.output_dir)
+    with _locked(run_dir.with_name(run_dir.name + ".lock")):
+        if run_is_complete(run_dir) and not fresh:
+            return json.loads((run_dir / DONE).read_text()), True
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        from diffalign.trainers import loop
+
+        started = time.perf_counter()
+        result = loop.train(cfg)
+        record = {"run_key": run_dir.name, "data_key": Path(cfg.data.cache_dir).name, "method": cfg.method.name,
+                  "final_dir": Path(result.final_dir).relative_to(run_dir).as_posix(), "steps": result.steps,
+                  "train_seconds": time.perf_counter() - started, "loop_seconds": result.seconds, "metrics": result.metrics,
+                  "finished": _utc_now()}
+        atomic_write_text(run_dir / DONE, json.dumps(record, indent=2) + "\n")
+    return record, False
+
+
+def sample_key(model: dict | str, prompts: list[str], seeds: list[int], sampler: dict, code: str) -> str:
+    """Key of a model's samples: the model (the base's ref and weights digest, or a run key), the (prompt, seed)
+    list, the sampler settings, the source digest and `numerics()`."""
+    return _digest({"model": model, "prompts": prompts, "seeds": seeds, "sampler": sampler, "code": code, "numerics": numerics()})
+
+
+def cached_samples(folder: Path, make, fresh: bool = False) -> tuple[list[Image.Image], bool]:
+    """The images stored in `folder` (lossless PNG, with a ``done.json`` marker written last), or `make()`'s, stored
+    there; (images, reused). Scoring a reloaded PNG gives the scores of the image it saved, bit for bit."""
+    with _locked(folder.with_name(folder.name + ".lock")):
+        if (folder / DONE).is_file() and not fresh:
+            count = json.loads((folder / DONE).read_text())["count"]
+            return [_load_rgb(folder / f"{i:05d}.png") for i in range(count)], True
+        if folder.exists():
+            shutil.rmtree(folder)
+        images = make()
+        folder.mkdir(parents=True)
+        for i, image in enumerate(images):
+            image.save(folder / f"{i:05d}.png")
+        atomic_write_text(folder / DONE, json.dumps({"count": len(images)}) + "\n")
+    return images, False
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_commit() -> str | None:
+    """HEAD of the git checkout holding the `diffalign` package, with ``-dirty`` when ``git status`` lists anything;
+    None when the package is not tracked by a git checkout (an installed wheel) or git is missing."""
+    import diffalign
+
+    here = Path(diffalign.__file__).parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(here), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        if git("ls-files", "--error-unmatch", "__init__.py").returncode != 0:  # e.g. a site-packages copy inside another repo
+            return None
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if status.returncode != 0 or status.stdout.strip() else "")
+
+
+def append_ledger(path: Path, entry: dict) -> None:
+    """Append `entry` as one JSON line with a single ``write`` on an ``O_APPEND`` descriptor, so concurrent benches
+    never interleave or tear lines, then fsync."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, line) != len(line):
+            raise OSError(f"{path}: short write appending the ledger line")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ledger_entry(report: dict, out: Path) -> dict:
+    """The ledger's line for a held-out report: when, which code, which trained models, what they scored."""
+    methods = {name: {"run_key": r["run_key"], "reused": r["reused"], **{k: r[k] for k in ("win_rate", "ci_low", "ci_high", "n")}}
+               for name, r in report["methods"].items()}
+    return {"date": _utc_now(), "commit": git_commit(), "report": str(out.resolve()), "hashes": report["hashes"],
+            "methods": methods, "settings": report["settings"]}
+
+
 def _scores(scorer, images, prompts) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in scorer.score(images, prompts).items()}
-
-
-def _grid(columns: dict[str, list[Image.Image]], rows: int, scale: int = 3) -> Image.Image:
-    names = list(columns)
-    side = columns[names[0]][0].width * scale
-    head = 14
-    grid = Image.new("RGB", (side * len(names), head + side * rows), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, name in enumerate(names):
-        draw.text((c * side + 2, 1), name, fill="black")
-        for r in range(rows):
-            grid.paste(columns[name][r].resize((side, side), Image.Resampling.NEAREST), (c * side, head + r * side))
-    return grid
 
 
 def markdown_table(report: dict) -> str:
@@ -139,68 +377,121 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = True) -> dict:
-    """Run the bench; write `out` (JSON), a markdown table, a base-vs-aligned grid and each model's samples
-(``samples/<model>/`` with ``metadata.jsonl``) beside it."""
-    from tqdm.auto import tqdm
-
-    from diffalign.trainers.loop import PreferenceTrainer
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scorer = load_scorer(SCORER)
+def _eval_set(settings: BenchSettings) -> tuple[list, list[str], list[int]]:
+    """The evaluation captions (specs), and one (prompt, seed) per image: the same for the base and every method."""
     if settings.eval_split not in ("held_out", "train"):
         raise ValueError(f"eval_split must be 'held_out' or 'train', got {settings.eval_split!r}")
     split = HELD_OUT if settings.eval_split == "held_out" else TRAIN
     held = split[: settings.eval_prompts] if settings.eval_prompts else split
     prompts = [s.caption for s in held for _ in range(settings.eval_seeds)]
     seeds = [10_000 + settings.seed * 1_000 + j for _ in held for j in range(settings.eval_seeds)]  # unlike any synthetic-data seed
-    sample_kw = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale, resolution=32)
+    return held, prompts, seeds
+
+
+def _settings_record(settings: BenchSettings, cache_root: Path, ledger: Path) -> dict:
+    """The settings as JSON, with the resolved cache root and ledger."""
+    return {**dataclasses.asdict(settings), "workdir": str(settings.workdir), "cache_root": str(cache_root), "ledger": str(ledger)}
+
+
+def _prepare_data(configs: dict[str, Config], settings: BenchSettings, progress: bool) -> dict[str, dict]:
+    """Each distinct data cache of the methods (one, unless overrides change a method's data), built or reused."""
+    data: dict[str, dict] = {}
+    for name, cfg in configs.items():
+        key = Path(cfg.data.cache_dir).name
+        if key not in data:
+            data[key] = {"dir": cfg.data.cache_dir, "reused": ensure_data(cfg, settings.fresh, progress), "methods": []}
+        data[key]["methods"].append(name)
+    return data
+
+
+def _compare(scorer, images, prompts, base: dict[str, torch.Tensor], seed: int) -> dict:
+    """Win-rate over the base (ties ½, bootstrap clustered by prompt), mean score change per dimension, yes-rate changes."""
+    scores = _scores(scorer, images, prompts)
+    wr = win_rate(scores["overall"].tolist(), base["overall"].tolist(), prompts, seed=seed)
+    dims = {d: float((scores[d] - base[d]).mean()) for d in ("overall", *TOY_CHECKLIST.dimensions)}
+    questions = {q.key: float(((scores[q.key] > 0).float() - (base[q.key] > 0).float()).mean()) for q in TOY_CHECKLIST.questions}
+    return {**wr.as_dict(), "dims": dims, "yes_rate_change": questions}
+
+
+def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = True) -> dict:
+    """Run the bench; write `out` (JSON), a markdown table, a base-vs-aligned grid and each model's samples
+(``samples/<model>/`` with ``metadata.jsonl``) beside it, and ``runs.json`` (each method's run directory) in the workdir.
+
+    Data and trained models come from `cache_root` when their keys match (see the module docstring); each method's
+    report says whether it was ``reused`` and its ``run_key``. `train_seconds` is the training time of the model
+    (recorded when it was trained), `total_seconds` this call's wall time. A held-out run appends a ledger line.
+    """
+    from tqdm.auto import tqdm
+
+    wall = time.perf_counter()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    held, prompts, seeds = _eval_set(settings)
+    root = resolve_cache_root(settings)
+    ledger = Path(settings.ledger) if settings.ledger is not None else root / "ledger.jsonl"
+    code = source_digest()
     methods = ["sft", *(m for m in settings.methods if m != "sft")]
-    report = {"settings": {**dataclasses.asdict(settings), "workdir": str(settings.workdir)}, "hashes": frozen_hashes(settings.model), "methods": {}}
+    configs = {name: method_config(name, settings, code) for name in methods}
+    scorer = load_scorer(SCORER)
+    sample_kw = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale, resolution=32)
+    report = {"settings": _settings_record(settings, root, ledger), "hashes": frozen_hashes(settings.model), "code_digest": code,
+              "methods": {}}
 
     # 1. data: the shared synthetic cache, sampled from the base model and ranked by the checklist
     started = time.perf_counter()
-    prepare_cache(method_config(methods[0], settings), progress=progress)
+    report["data"] = _prepare_data(configs, settings, progress)
     report["data_seconds"] = time.perf_counter() - started
 
-    # 2. the base model's samples, once
+    # 2. the base model's samples, once (or reused from an earlier run)
     started = time.perf_counter()
-    base_images = sample_images(load_components(ModelConfig(pretrained=settings.model)), prompts, seeds, **sample_kw)
+    components = load_components(ModelConfig(pretrained=settings.model))  # the base; trained weights go on copies of its UNet
+    base_model = {"pretrained": settings.model, "weights": weights_digest(ModelConfig(pretrained=settings.model), generation=True)}
+    base_images, reused = cached_samples(root / "samples" / sample_key(base_model, prompts, seeds, sample_kw, code),
+                                         lambda: sample_images(components, prompts, seeds, **sample_kw), settings.fresh)
     base = _scores(scorer, base_images, prompts)
     report["base"] = {"scores": {k: float(base[k].mean()) for k in ("overall", *TOY_CHECKLIST.dimensions)},
-                      "colour_accuracy": float((base["colour"] > 0).float().mean()), "eval_seconds": time.perf_counter() - started}
+                      "colour_accuracy": float((base["colour"] > 0).float().mean()), "eval_seconds": time.perf_counter() - started,
+                      "samples_reused": reused}
     columns = {"base": base_images}
     samples = out.parent / "samples"  # each model's images with metadata.jsonl: `diffalign compare` re-derives the table from them
     write_folder(samples / "base", base_images, prompts, seeds, model=settings.model, steps=settings.num_inference_steps,
                  guidance=settings.guidance_scale)
 
-    # 3. each method: train, sample the same prompts and seeds, compare
+    # 3. each method: train (or reuse), sample the same prompts and seeds, compare
     for name in tqdm(methods, desc="bench toy", disable=not progress):
-        cfg = method_config(name, settings)
+        cfg = configs[name]
+        record, reused = ensure_run(cfg, settings.fresh)
+        run_dir = Path(cfg.train.output_dir)
+        final_dir = run_dir / record["final_dir"]
         started = time.perf_counter()
-        trainer = PreferenceTrainer(cfg)
-        trainer.setup()
-        trainer.train()
-        train_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        unet = trainer.accelerator.unwrap_model(trainer.unet).eval()
-        images = sample_images(trainer.components, prompts, seeds, unet=unet, **sample_kw)
-        scores = _scores(scorer, images, prompts)
-        wr = win_rate(scores["overall"].tolist(), base["overall"].tolist(), prompts, seed=settings.seed)
-        dims = {d: float((scores[d] - base[d]).mean()) for d in ("overall", *TOY_CHECKLIST.dimensions)}
-        questions = {q.key: float(((scores[q.key] > 0).float() - (base[q.key] > 0).float()).mean()) for q in TOY_CHECKLIST.questions}
-        report["methods"][name] = {**wr.as_dict(), "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - started,
-                                   "dims": dims, "yes_rate_change": questions}
+        images, samples_reused = cached_samples(
+            root / "samples" / sample_key(run_dir.name, prompts, seeds, sample_kw, code),
+            lambda: sample_images(components, prompts, seeds, unet=load_trained_unet(components, final_dir), **sample_kw),
+            settings.fresh or not reused)
+        result = _compare(scorer, images, prompts, base, settings.seed)
+        report["methods"][name] = {**{k: v for k, v in result.items() if k not in ("dims", "yes_rate_change")},
+                                   "train_seconds": record["train_seconds"], "eval_seconds": time.perf_counter() - started,
+                                   "dims": result["dims"], "yes_rate_change": result["yes_rate_change"],
+                                   "reused": reused, "run_key": run_dir.name, "run_dir": str(run_dir), "samples_reused": samples_reused}
         columns[name] = images
-        write_folder(samples / name, images, prompts, seeds, model=settings.model, adapter=str(cfg.train.output_dir),
+        write_folder(samples / name, images, prompts, seeds, model=settings.model, adapter=str(final_dir),
                      steps=settings.num_inference_steps, guidance=settings.guidance_scale)
 
-    report["total_seconds"] = report["data_seconds"] + report["base"]["eval_seconds"] + sum(
-        r["train_seconds"] + r["eval_seconds"] for r in report["methods"].values())
+    report["total_seconds"] = time.perf_counter() - wall
+    _write_outputs(report, out, columns, len(held), settings)
+    if settings.eval_split == "held_out":
+        append_ledger(ledger, ledger_entry(report, out))
+    return report
+
+
+def _write_outputs(report: dict, out: Path, columns: dict[str, list[Image.Image]], captions: int, settings: BenchSettings) -> None:
+    """The report JSON, its markdown table, the sample grid, and the workdir's index of run directories."""
     out.write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown_table(report))
-    rows = min(8, len(held))
-    shown = [i * len(held) // rows * settings.eval_seeds for i in range(rows)]  # the first seed of captions spread over the split
-    _grid({k: [v[j] for j in shown] for k, v in columns.items()}, rows).save(out.with_suffix(".png"))
-    return report
+    rows = min(8, captions)
+    shown = [i * captions // rows * settings.eval_seeds for i in range(rows)]  # the first seed of captions spread over the split
+    paint_grid([[columns[name][j] for name in columns] for j in shown], scale=3, column_labels=list(columns)).save(out.with_suffix(".png"))
+    workdir = Path(settings.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runs = {name: {k: r[k] for k in ("run_key", "run_dir", "reused")} for name, r in report["methods"].items()}
+    atomic_write_text(workdir / "runs.json", json.dumps({"report": str(out), "data": report["data"], "methods": runs}, indent=2) + "\n")

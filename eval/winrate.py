@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from diffalign.rewards import pairwise_outcomes as outcomes  # 1 / ½ / 0 per pair
+
 
 @dataclass(frozen=True)
 class WinRate:
@@ -24,15 +26,6 @@ class WinRate:
 
     def as_dict(self) -> dict:
         return {"win_rate": self.win_rate, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n, "prompts": self.prompts}
-
-
-def outcomes(score_a: Sequence[float], score_b: Sequence[float], tie_tolerance: float = 0.0) -> np.ndarray:
-    """1 where A wins, ½ where |a - b| ≤ tolerance, 0 where B wins."""
-    a, b = np.asarray(score_a, dtype=np.float64), np.asarray(score_b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired scores differ in length: {a.shape} vs {b.shape}")
-    diff = a - b
-    return np.where(np.abs(diff) <= tie_tolerance, 0.5, (diff > 0).astype(np.float64))
 
 
 def win_rate(

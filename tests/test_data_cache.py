@@ -380,8 +380,11 @@ def test_interrupted_build_resumes_to_an_identical_cache(tmp_path, demo_parquet,
     assert _files(root) == _files(full)  # byte-identical: tensors, index, manifest
     a, b = LatentPairDataset(root, cfg.data), LatentPairDataset(full, cfg.data)
     for i in range(len(a)):
-        for key, value in a[i].items():
-            assert torch.equal(value, b[i][key]) or (torch.isnan(value).all() and torch.isnan(b[i][key]).all()), key
+        x, y = a[i], b[i]
+        x.update(x.pop("extra_scores")), y.update(y.pop("extra_scores"))  # per-scorer scores: one more tensor each
+        assert x.keys() == y.keys()
+        for key, value in x.items():
+            assert torch.equal(value, y[key]) or (torch.isnan(value).all() and torch.isnan(y[key]).all()), key
 
 
 def test_dataset_in_dataloader_workers(tmp_path, demo_parquet, sdxl):

@@ -15,9 +15,10 @@ import diffalign.data.cache as cache_mod
 import diffalign.scorers.registry as registry
 from diffalign.config import ConfigError, ModelConfig, validate_config
 from diffalign.data import CacheMismatchError, DataError, LatentPairDataset, check_cache, prepare_cache
-from diffalign.data.dataset import dense_ranks
+from diffalign.data.pairing import dense_ranks
 from diffalign.data.shards import read_index, tensors_path
 from diffalign.data.sources import SyntheticGenerator, open_source, win_rate_phi
+from diffalign.data.sources.synthetic import resolve_prompts
 from diffalign.models.loading import load_components
 from diffalign.scorers import load_scorer
 from diffalign.toy.scenes import HELD_OUT, TRAIN
@@ -162,8 +163,10 @@ def test_builds_are_deterministic_and_resume_without_regenerating(built, sdxl, t
     prepare_cache(again, sdxl, progress=False)
 
     calls: list[int] = []
-    real_generate = SyntheticGenerator.generate
+    windows: list[range] = []
+    real_generate, real_sample = SyntheticGenerator.generate, SyntheticGenerator._sample
     monkeypatch.setattr(SyntheticGenerator, "generate", lambda self, i: (calls.append(i), real_generate(self, i))[1])
+    monkeypatch.setattr(SyntheticGenerator, "_sample", lambda self, w: (windows.append(w), real_sample(self, w))[1])
     resumed = _cfg(tmp_path / "resumed")
     real_write = cache_mod.write_shard
 
@@ -176,9 +179,11 @@ def test_builds_are_deterministic_and_resume_without_regenerating(built, sdxl, t
         m.setattr(cache_mod, "write_shard", die_after_first)
         with pytest.raises(KeyboardInterrupt):
             prepare_cache(resumed, sdxl, progress=False)
-    calls.clear()
+    calls.clear(), windows.clear()
     prepare_cache(resumed, sdxl, progress=False)
-    assert calls == [2, 3]  # shard 0 (prompts 0, 1) was kept, not generated again
+    # shard 0 (prompts 0, 1) was kept and only prompts 2, 3 are yielded again; with shards of 2 inside a window of 16
+    # prompts, the resumed build samples the window once more (one pipeline call), so its images have the same bits
+    assert calls == [2, 3] and windows == [range(0, 4)]
 
     reference = _shards(built.data.cache_dir, 2)
     for other in (again, resumed):
@@ -303,16 +308,24 @@ def _invalid(**source) -> str:
     return str(e.value)
 
 
+def _refused_on_open(**source) -> str:
+    """Checks that need the toy world or the scorer registry run where the source is opened, not in the config."""
+    cfg = validate_config({"data": {"source": {"kind": "synthetic", **source}}})
+    with pytest.raises(ConfigError) as e:
+        open_source(cfg.data.source, cfg)
+    return str(e.value)
+
+
 def test_config_errors():
     msg = _invalid(prompts="toy-held-out")
     assert "data.source.prompts" in msg and "evaluation only" in msg
-    msg = _invalid(prompts=[PROMPTS[0], HELD_OUT[0].caption])
-    assert "held-out" in msg and HELD_OUT[0].caption in msg
+    msg = _refused_on_open(prompts=[PROMPTS[0], HELD_OUT[0].caption])
+    assert "data.source.prompts" in msg and "held-out" in msg and HELD_OUT[0].caption in msg
     msg = _invalid(prompts="my-prompts")
     assert "unknown prompt set" in msg and "toy-train" in msg
     msg = _invalid(prompts=[])
     assert "at least one prompt" in msg
-    msg = _invalid(prompts="toy-train", scorers=["hpsv9"])
+    msg = _refused_on_open(prompts="toy-train", scorers=["hpsv9"])
     assert "data.source.scorers" in msg and "'hpsv9'" in msg and "available: aesthetic, " in msg and "toy-checklist" in msg
     msg = _invalid(prompts="toy-train", scorers=["toy-checklist", "toy-checklist"])
     assert "once" in msg
@@ -320,8 +333,17 @@ def test_config_errors():
     assert "data.source.images_per_prompt" in msg and "greater than or equal to 2" in msg
     assert "data.source.prompts: required" in _invalid()
     cfg = validate_config({"data": {"source": {"kind": "synthetic", "prompts": "toy-train", "num_prompts": 5}}})
-    assert cfg.data.source.prompt_list() == [s.caption for s in TRAIN[:5]]
+    assert resolve_prompts(cfg.data.source) == [s.caption for s in TRAIN[:5]]
     assert (cfg.data.source.images_per_prompt, cfg.data.source.scorers) == (4, ["toy-checklist"])
+
+
+def test_held_out_captions_never_become_training_data_through_the_cli(tmp_path):
+    from diffalign.cli import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data:\n  source:\n    kind: synthetic\n    prompts: ['{HELD_OUT[0].caption}']\n  cache_dir: {tmp_path / 'c'}\n")
+    assert main(["prepare", str(cfg)]) == 2
+    assert not (tmp_path / "c").exists()
 
 
 def test_every_field_is_documented():

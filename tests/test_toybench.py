@@ -6,22 +6,47 @@ here the CI-size configuration (`QUICK`) shows that Diffusion-DPO moves the toy 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import shuffle_folder
 
-from diffalign.eval.toybench import QUICK, BenchSettings, markdown_table, run_toy_bench
+from diffalign.eval.toybench import QUICK, BenchSettings, markdown_table, method_config, run_toy_bench
+from diffalign.trainers import loop
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models are fastest on one thread; the count is restored after the module
+
+
+def tiny(tmp_path, workdir: str, *overrides: str, **kw) -> BenchSettings:
+    """A seconds-scale bench on the random tiny SDXL model; every call in a test shares one cache root."""
+    return BenchSettings(model="builtin:tiny-sdxl", workdir=tmp_path / workdir, train_rounds=1, eval_prompts=3, eval_seeds=2,
+                         num_inference_steps=2, max_steps=2, overrides=("data.source.num_prompts=6", "train.batch_size=2", *overrides),
+                         cache_root=tmp_path / "cache", **kw)
+
+
+@pytest.fixture
+def trained(monkeypatch) -> list[str]:
+    """The methods `diffalign.trainers.loop.train` is called for, in order (training still runs)."""
+    calls: list[str] = []
+    real = loop.train
+
+    def counting(cfg, *args, **kwargs):
+        calls.append(cfg.method.name)
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train", counting)
+    return calls
 
 
 def test_bench_runs_end_to_end_and_writes_the_report(tmp_path):
-    torch.set_num_threads(1)
     settings = BenchSettings(
         model="builtin:tiny-sdxl", workdir=tmp_path / "work", train_rounds=1, eval_prompts=3, eval_seeds=2,
-        num_inference_steps=2, max_steps=2, overrides=("data.source.num_prompts=6", "train.batch_size=2"),
+        num_inference_steps=2, max_steps=2, overrides=("data.source.num_prompts=6", "train.batch_size=2"), cache_root=tmp_path / "cache",
     )
     report = run_toy_bench(settings, tmp_path / "report.json", progress=False)
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -31,6 +56,7 @@ def test_bench_runs_end_to_end_and_writes_the_report(tmp_path):
         assert set(r["dims"]) == {"overall", "alignment", "composition", "quality"}
         assert r["train_seconds"] > 0 and r["eval_seconds"] > 0
     assert set(saved["hashes"]) == {"base_weights", "scorer_config", "held_out_split"}
+    assert all(r["reused"] is False for r in saved["methods"].values())
     assert "| dpo |" in (tmp_path / "report.md").read_text() and markdown_table(report).count("\n") >= 4
     assert (tmp_path / "report.png").is_file()
 
@@ -40,7 +66,7 @@ def test_dpo_moves_the_toy_model_toward_the_preference(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        settings = BenchSettings(model="builtin:toy", workdir=tmp_path / "work", **QUICK)
+        settings = BenchSettings(model="builtin:toy", workdir=tmp_path / "work", cache_root=tmp_path / "cache", **QUICK)
         report = run_toy_bench(settings, tmp_path / "report.json", progress=False)
     finally:
         torch.set_num_threads(threads)  # later tests compare runs bit for bit on one thread
@@ -67,3 +93,79 @@ def test_overrides_can_be_scoped_to_one_method():
     given = ("optim.lr=1e-4", "dpo:method.beta=2000", "sft:train.max_steps=5", "data.source.model=a:b")
     assert method_overrides("dpo", given) == ["optim.lr=1e-4", "method.beta=2000", "data.source.model=a:b"]
     assert method_overrides("sft", given) == ["optim.lr=1e-4", "train.max_steps=5", "data.source.model=a:b"]
+
+
+def test_a_second_run_trains_only_what_changed_and_reuses_the_rest(tmp_path, trained):
+    """Another work directory, one cache root: only DPO, whose config changed, is trained again; reuse gives the same numbers."""
+    first = run_toy_bench(tiny(tmp_path, "work1"), tmp_path / "one" / "report.json", progress=False)
+    assert trained == ["sft", "dpo"] and not any(r["reused"] for r in first["methods"].values())
+    assert [d["reused"] for d in first["data"].values()] == [False]
+
+    trained.clear()
+    second = run_toy_bench(tiny(tmp_path, "work2", "dpo:method.beta=1000"), tmp_path / "two" / "report.json", progress=False)
+    assert trained == ["dpo"]
+    assert {n: r["reused"] for n, r in second["methods"].items()} == {"sft": True, "dpo": False}
+    assert [d["reused"] for d in second["data"].values()] == [True] and second["data"].keys() == first["data"].keys()
+    sft1, sft2 = first["methods"]["sft"], second["methods"]["sft"]
+    assert sft2["run_key"] == sft1["run_key"] and second["methods"]["dpo"]["run_key"] != first["methods"]["dpo"]["run_key"]
+    assert [sft2[k] for k in ("win_rate", "ci_low", "ci_high", "n", "dims")] == [sft1[k] for k in ("win_rate", "ci_low", "ci_high", "n", "dims")]
+    assert sft2["train_seconds"] == sft1["train_seconds"]  # the recorded training time of the reused model
+    assert second["base"]["samples_reused"] and sft2["samples_reused"] and not second["methods"]["dpo"]["samples_reused"]
+    assert not first["base"]["samples_reused"] and second["base"]["scores"] == first["base"]["scores"]  # PNG round trip is exact
+    runs = json.loads((tmp_path / "work2" / "runs.json").read_text())["methods"]
+    assert runs["sft"]["run_dir"] == sft1["run_dir"] and (tmp_path / "cache" / "runs" / sft1["run_key"] / "done.json").is_file()
+
+    trained.clear()
+    fresh = run_toy_bench(tiny(tmp_path, "work3", fresh=True), tmp_path / "three" / "report.json", progress=False)
+    assert trained == ["sft", "dpo"] and not any(r["reused"] for r in fresh["methods"].values())
+    assert fresh["methods"]["dpo"]["win_rate"] == first["methods"]["dpo"]["win_rate"]  # retrained bit for bit
+
+
+def test_an_unfinished_run_directory_is_trained_again(tmp_path, trained):
+    """A run directory without its done.json marker (a crash mid-training) is never reused."""
+    settings = tiny(tmp_path, "work", "sft:train.max_steps=1", "dpo:train.max_steps=1")
+    run_dir = Path(method_config("sft", settings).train.output_dir)
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "final" / "config.yaml").write_text("stale: true\n")
+    (run_dir / "summary.json").write_text("{}")  # everything but the marker
+    report = run_toy_bench(settings, tmp_path / "report.json", progress=False)
+    assert trained == ["sft", "dpo"] and report["methods"]["sft"]["reused"] is False
+
+
+def test_held_out_runs_append_to_the_ledger_and_train_split_runs_do_not(tmp_path):
+    ledger = tmp_path / "looks.jsonl"
+    report = run_toy_bench(tiny(tmp_path, "work", ledger=ledger), tmp_path / "held" / "report.json", progress=False)
+    lines = ledger.read_text().splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert set(entry) >= {"date", "commit", "methods", "settings"} and entry["date"].endswith("+00:00")
+    assert entry["commit"] is None or len(entry["commit"].removesuffix("-dirty")) == 40
+    for name, r in report["methods"].items():
+        assert entry["methods"][name] == {"run_key": r["run_key"], "reused": False, **{k: r[k] for k in ("win_rate", "ci_low", "ci_high", "n")}}
+    assert entry["settings"]["eval_split"] == "held_out" and entry["settings"]["ledger"] == str(ledger)
+
+    run_toy_bench(tiny(tmp_path, "work", ledger=ledger, eval_split="train"), tmp_path / "train" / "report.json", progress=False)
+    assert ledger.read_text().splitlines() == lines  # tuning on training captions leaves no trace among held-out looks
+    assert not (tmp_path / "cache" / "ledger.jsonl").exists()
+
+
+def test_keys_follow_content_not_paths(tmp_path):
+    from diffalign.eval.toybench import data_key, run_key
+
+    a = method_config("dpo", tiny(tmp_path, "a"), code="c1")
+    b = method_config("dpo", dataclasses.replace(tiny(tmp_path, "b"), cache_root=tmp_path / "elsewhere"), code="c1")
+    assert data_key(a) == data_key(b) and run_key(a, "c1") == run_key(b, "c1")
+    assert run_key(a, "c2") != run_key(a, "c1")  # any source change retrains
+    if not torch.cuda.is_available():  # CPU training differs bit-wise with the thread count
+        one = run_key(a, "c1")
+        torch.set_num_threads(2)
+        try:
+            assert run_key(a, "c1") != one
+        finally:
+            torch.set_num_threads(1)
+    sft = method_config("sft", tiny(tmp_path, "a"), code="c1")
+    assert data_key(sft) == data_key(a) and run_key(sft, "c1") != run_key(a, "c1")  # one cache, two models
+    lora = method_config("dpo", tiny(tmp_path, "a", "model.lora.rank=2"), code="c1")
+    assert data_key(lora) == data_key(a)  # LoRA settings do not touch the data
+    more = method_config("dpo", tiny(tmp_path, "a", "data.source.num_prompts=5"), code="c1")
+    assert data_key(more) != data_key(a)

@@ -137,6 +137,18 @@ def test_resume_refuses_a_changed_run(tmp_path, demo_parquet):
         trainer.setup()
 
 
+def test_resume_refuses_a_checkpoint_of_other_pairing_rules(tmp_path, demo_parquet, monkeypatch):
+    """A checkpoint written before `ties: drop` also dropped score ties would resume on another item set: refused, with why."""
+    from diffalign.trainers import loop
+
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(tmp_path, parquet=demo_parquet))
+    assert main(["train", str(cfg_path), "train.max_steps=2"]) == 0
+    monkeypatch.setattr(loop, "PAIRING_RULES", loop.PAIRING_RULES + 1)
+    trainer = PreferenceTrainer(load_config(cfg_path, ["train.resume=latest"]))
+    with pytest.raises(loop.TrainingError, match=r"pairing rules 2 \(this diffalign: 3\).*tie by rank or score.*start a new run"):
+        trainer.setup()
+
+
 def test_non_finite_loss_names_step_and_items(tmp_path, demo_parquet):
     from diffalign.trainers.loop import TrainingError
 

@@ -135,27 +135,27 @@ def test_ema_is_checkpointed_and_exported(tmp_path, demo_parquet):
 
 def test_sft_trains_on_winners_without_a_reference(tmp_path, demo_parquet, monkeypatch):
     t = _trainer(tmp_path, demo_parquet, "sft", "train.max_steps=2", method={"name": "sft"})
-    monkeypatch.setattr(t, "reference_errors", lambda *_: pytest.fail("SFT must not run the reference"))
+    assert t.reference is None  # a full fine-tune would copy the UNet; LoRA keeps one UNet either way
+    monkeypatch.setattr(t.models, "reference", lambda *_: pytest.fail("SFT must not run the reference"))
     t.train()
     assert set(_rows(t)[0]) >= {"loss", "model_mse"} and "ref_mse" not in _rows(t)[0]
 
 
 def test_v_prediction_trains_against_the_velocity_target(tmp_path, demo_parquet, monkeypatch):
-    from diffalign.trainers import loop
+    from diffalign.trainers.methods import denoising
 
     seen = []
-    real = loop.build_inputs
 
-    def spy(*args, **kwargs):
-        inputs = real(*args, **kwargs)
-        seen.append(inputs)
-        return inputs
+    def spy(pred, target):
+        seen.append(target)
+        return real(pred, target)
 
-    monkeypatch.setattr(loop, "build_inputs", spy)
+    real = denoising.per_sample_mse
+    monkeypatch.setattr(denoising, "per_sample_mse", spy)
     t = _trainer(tmp_path, demo_parquet, "vpred", "model.prediction_type=v_prediction", "train.max_steps=1")
-    assert t.cond.prediction_type == "v_prediction"
+    assert t.schedule.prediction_type == "v_prediction"
     t.train()
-    x = seen[0]
-    # v = √ᾱ·ε - √(1-ᾱ)·x0 differs from ε wherever x0 ≠ 0: the target is not the noise itself
-    assert not torch.allclose(x.target[: len(x.target) // 2], x.target[len(x.target) // 2 :])
+    target = seen[0]
+    # v = √ᾱ·ε - √(1-ᾱ)·x0 differs from ε wherever x0 ≠ 0: winner and loser share ε, so their v-targets differ
+    assert not torch.allclose(target[: len(target) // 2], target[len(target) // 2 :])
     assert torch.isfinite(torch.tensor(_rows(t)[0]["loss"]))

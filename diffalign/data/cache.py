@@ -34,6 +34,7 @@ from diffalign.data.manifest import BUILD, MANIFEST, TEXT_EMPTY, build_manifest,
 from diffalign.data.shards import committed_shards, discard_uncommitted, read_index, write_shard
 from diffalign.data.sources import SourceItem, open_source
 from diffalign.io import atomic_write_text, save_safetensors
+from diffalign.models.devices import on_device
 from diffalign.models.loading import Components, encode_images, encode_prompts, load_components, sdxl_time_ids, vae_encode_dtype
 
 MAX_SKIP_WARNINGS = 20
@@ -181,22 +182,13 @@ class _Builder:
             bar.close()
 
 
-def _components_for(cfg: Config) -> Components:
-    """Load the model for caching; VAE and text encoders go to the GPU when there is one."""
-    c = load_components(cfg.model)
-    if torch.cuda.is_available():
-        c.vae.to("cuda")
-        for enc in c.text_encoders:
-            enc.to("cuda")
-    return c
-
-
 def prepare_cache(cfg: Config, components: Components | None = None, progress: bool = True) -> Path:
     """Build (or resume building) the latent-pair cache at `cfg.data.cache_dir` and return its path.
 
     A complete cache is verified against `cfg` and left alone (`CacheMismatchError` if it differs). An
     unfinished one is resumed when its ``build.json`` matches, refused otherwise. `components` default to
-    `load_components(cfg.model)` (on the GPU if there is one); the VAE encodes in
+    `load_components(cfg.model)`; either way their VAE and text encoders work on the GPU during the build when
+    there is one, and go back where they were afterwards; the VAE encodes in
     `vae_encode_dtype(cfg.model, cfg.train.mixed_precision)`. A synthetic source whose generating model is
     `cfg.model` samples with these components (so they must be the base model, without trained adapters)
     instead of loading a second copy.
@@ -209,7 +201,7 @@ def prepare_cache(cfg: Config, components: Components | None = None, progress: b
     if root.exists() and not (root / BUILD).is_file() and any(not p.name.startswith(".") for p in root.iterdir()):
         raise DataError(f"data.cache_dir: {root} exists, is not empty and is not a diffalign cache; choose another directory")
     if components is None:
-        components = _components_for(cfg)
+        components = load_components(cfg.model)
     identity = expected_identity(cfg, components, source)
     build = {"identity": identity, "shard_size": cfg.data.shard_size}
     if (root / BUILD).is_file():
@@ -226,23 +218,25 @@ def prepare_cache(cfg: Config, components: Components | None = None, progress: b
     vae = components.vae
     want = vae_encode_dtype(cfg.model, cfg.train.mixed_precision)
     was = vae.dtype
-    if want != was:
-        vae.to(dtype=want)
-    try:
-        _Builder(cfg, components, root).run(source, progress)
-        if not (root / TEXT_EMPTY).is_file():
-            embeds, pooled = encode_prompts(components, [""], next(components.text_encoders[0].parameters()).device)
-            dtype = DTYPES[cfg.data.latent_dtype]
-            empty = {"prompt_embeds": embeds[0].to("cpu", dtype)}
-            if pooled is not None:
-                empty["pooled"] = pooled[0].to("cpu", dtype)
-            save_safetensors(root / TEXT_EMPTY, empty)
-    finally:
+    encoders = [vae, *components.text_encoders] if torch.cuda.is_available() else []  # lent to the GPU for the build
+    with on_device(encoders, "cuda"):
         if want != was:
-            vae.to(dtype=was)
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
+            vae.to(dtype=want)
+        try:
+            _Builder(cfg, components, root).run(source, progress)
+            if not (root / TEXT_EMPTY).is_file():
+                embeds, pooled = encode_prompts(components, [""], next(components.text_encoders[0].parameters()).device)
+                dtype = DTYPES[cfg.data.latent_dtype]
+                empty = {"prompt_embeds": embeds[0].to("cpu", dtype)}
+                if pooled is not None:
+                    empty["pooled"] = pooled[0].to("cpu", dtype)
+                save_safetensors(root / TEXT_EMPTY, empty)
+        finally:
+            if want != was:
+                vae.to(dtype=was)
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
     manifest = build_manifest(cfg, components, root, identity, source)
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return root

@@ -6,14 +6,16 @@ Item ``i`` gives:
 - ``prompt_embeds`` (L, D) float32, and ``pooled`` (D2,) for SDXL;
 - ``time_ids`` (K, 6) float32: [orig_h, orig_w, crop_top, crop_left, res, res] (``data.time_ids = 'true'``)
   or [res, res, 0, 0, res, res] for every image (``'fixed'``, the official behaviour);
-- ``label`` float32: P(images[0] preferred), NaN when the item is not a labelled pair;
-- ``ranks`` (K,) int64, 0 = best: as given, else from the label (1 -> [0, 1], 0 -> [1, 0], 0.5 -> [0, 0]),
-  else the dense rank of descending scores;
-- ``scores`` (K,) float32, NaN when absent.
-Raw per-scorer scores (synthetic source) are not part of an item: ``dataset.extra_scores[name]`` is an
-(len, K) float32 array aligned with the items (NaN where an item has none).
-Ties (label 0.5) are dropped unless ``data.ties = 'keep'``; with ``data.min_score_gap > 0`` so are items whose
-best and worst image differ by less than that in raw score (`score_gaps`). Shards are opened lazily with
+- ``label`` float32: the item's own label, P(images[0] preferred) (soft values kept), NaN when it has none;
+- ``ranks`` (K,) int64, 0 = best, and ``pair`` (2,) int64 with ``pair_label`` float32: the item's ranks and
+  the (winner slot, loser slot, P(winner preferred)) a pairwise method trains on, both decided in one place
+  (`diffalign.data.pairing`);
+- ``scores`` (K,) float32, NaN when absent; for a synthetic cache, the Syn-Pic φ recomputed from the raw
+  per-scorer scores with ``data.phi_ties`` ('half' reproduces the stored φ; 'strict' counts strict wins);
+- ``extra_scores`` {scorer: (K,) float32}: each scorer's raw scores (NaN where an item has none).
+``dataset.extra_scores[name]`` is the same as an (len, K) float32 array aligned with the items.
+Items whose trained pair is tied (label 0.5, or best and worst equal) are dropped unless ``data.ties = 'keep'``;
+with ``data.min_score_gap > 0`` so are items whose pair differs by less than that in raw score (`score_gaps`). Shards are opened lazily with
 ``safetensors.safe_open`` and the handles kept per process (at most `MAX_OPEN_SHARDS`, reopened after a
 fork, never pickled), so the dataset works in DataLoader workers. Caption dropout and posterior sampling belong to the trainer.
 """
@@ -35,32 +37,26 @@ from diffalign.config import DataConfig
 from diffalign.data.errors import CacheIncompleteError, CacheMismatchError, DataError
 from diffalign.data.identity import diff_identity
 from diffalign.data.manifest import MANIFEST, TEXT_EMPTY, format_error
+from diffalign.data.pairing import item_ranks, trained_pairs
 from diffalign.data.shards import fixed_lists, read_index, tensors_path
+from diffalign.rewards import phi
 
 MAX_OPEN_SHARDS = 256  # per process; least recently used handles are closed beyond this
 _CHECKED = ("data.resolution", "data.crop", "data.random_flip", "data.pairing", "data.seed", "data.latent_dtype", "data.max_items")
 
 
-def dense_ranks(scores: np.ndarray) -> np.ndarray:
-    """Dense rank by descending score: [0.9, 0.2, 0.9] -> [0, 1, 0]."""
-    distinct = np.unique(scores)[::-1]
-    return np.searchsorted(-distinct, -scores).astype(np.int64)
-
-
-def label_ranks(label: float) -> np.ndarray:
-    """Ranks of a labelled pair: images[0] best when label > 0.5, images[1] when < 0.5, a tie at 0.5."""
-    return np.array([0, 1] if label > 0.5 else [1, 0] if label < 0.5 else [0, 0], dtype=np.int64)
-
-
 class LatentPairDataset(torch.utils.data.Dataset):
     """The items of the cache at `cache_dir`, read as `data_cfg` asks (ties, time_ids)."""
 
-    def __init__(self, cache_dir: str | Path, data_cfg: DataConfig):
+    def __init__(self, cache_dir: str | Path, data_cfg: DataConfig, manifest: dict | None = None):
+        """`manifest`: the cache's manifest when the caller has read (and verified) it already."""
         self.root = Path(cache_dir)
-        manifest_path = self.root / MANIFEST
-        if not manifest_path.is_file():
-            raise CacheIncompleteError(f"{self.root}: no complete latent cache here (manifest.json missing); run `diffalign prepare` first")
-        self.manifest = json.loads(manifest_path.read_text())
+        if manifest is None:
+            manifest_path = self.root / MANIFEST
+            if not manifest_path.is_file():
+                raise CacheIncompleteError(f"{self.root}: no complete latent cache here (manifest.json missing); run `diffalign prepare` first")
+            manifest = json.loads(manifest_path.read_text())
+        self.manifest = manifest
         err = format_error(self.manifest.get("format_version"), self.root, "the cache")
         if err is not None:
             raise err
@@ -73,14 +69,14 @@ class LatentPairDataset(torch.utils.data.Dataset):
         self.resolution = int(self.manifest["latents"]["resolution"])
         self.k = int(self.manifest["counts"]["k"])
         self.time_ids_policy = data_cfg.time_ids
-        self._load_index(int(self.manifest["counts"]["shards"]), keep_ties=data_cfg.ties == "keep", min_gap=data_cfg.min_score_gap)
+        self._load_index(int(self.manifest["counts"]["shards"]), data_cfg)
         empty = load_file(str(self.root / TEXT_EMPTY))
         self.empty_prompt_embeds = empty["prompt_embeds"].float()
         self.empty_pooled = empty["pooled"].float() if "pooled" in empty else None
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
 
-    def _load_index(self, shards: int, keep_ties: bool, min_gap: float) -> None:
+    def _load_index(self, shards: int, data_cfg: DataConfig) -> None:
         t = read_index(
             self.root, shards, ["item_id", "text_shard", "text_row", "latent_rows", "time_ids", "label", "ranks", "scores", "extra_scores"]
         )
@@ -96,33 +92,34 @@ class LatentPairDataset(torch.utils.data.Dataset):
         self._text = np.stack([t.column("text_shard").to_numpy(), t.column("text_row").to_numpy()], 1)
         self._time_ids = tids.reshape(-1, k, 6).astype(np.float32)
         self._label = label.astype(np.float32)
-        self._ranks = fixed_lists(t.column("ranks"), k, np.int64, -1)
-        self._scores = fixed_lists(t.column("scores"), k, np.float64, np.nan).astype(np.float32)
         extra = t.column("extra_scores").combine_chunks()
-        self.extra_scores: dict[str, np.ndarray] = {}
-        for name in sorted(pc.unique(extra.keys).to_pylist()):
-            values = pa.chunked_array([pc.map_lookup(extra, pa.scalar(name), "first")])
-            self.extra_scores[name] = fixed_lists(values, k, np.float64, np.nan).astype(np.float32)
-        keep = np.ones(len(label), dtype=bool) if keep_ties else ~(label == 0.5)
-        if min_gap > 0:
+        raw = {name: fixed_lists(pa.chunked_array([pc.map_lookup(extra, pa.scalar(name), "first")]), k, np.float64, np.nan)
+               for name in sorted(pc.unique(extra.keys).to_pylist())}
+        self.extra_scores: dict[str, np.ndarray] = {name: v.astype(np.float32) for name, v in raw.items()}
+        scores = fixed_lists(t.column("scores"), k, np.float64, np.nan)
+        if self.manifest["source"]["description"].get("kind") == "synthetic":  # φ from the raw scores, as data.phi_ties asks
+            scores = phi(np.stack(list(raw.values())), ties=data_cfg.phi_ties)
+        self._scores = scores.astype(np.float32)
+        self._ranks = item_ranks(label, fixed_lists(t.column("ranks"), k, np.int64, -1), scores)
+        winner, loser, self._pair_label = trained_pairs(label, self._ranks)
+        self._pair = np.stack([winner, loser], axis=1)
+        keep = np.ones(len(label), dtype=bool) if data_cfg.ties == "keep" else self._pair_label != 0.5
+        if data_cfg.min_score_gap > 0:
             gaps = self.score_gaps()
             if np.isnan(gaps).any():
                 i = int(np.flatnonzero(np.isnan(gaps))[0])
                 raise DataError(f"data.min_score_gap: item {int(self._item_id[i])} of the cache at {self.root} has no scores to measure a gap with")
-            keep &= gaps >= min_gap
-        for name in ("_item_id", "_shard", "_row", "_text", "_time_ids", "_label", "_ranks", "_scores"):
+            keep &= gaps >= data_cfg.min_score_gap
+        for name in ("_item_id", "_shard", "_row", "_text", "_time_ids", "_label", "_ranks", "_scores", "_pair", "_pair_label"):
             setattr(self, name, getattr(self, name)[keep])
         self.extra_scores = {name: v[keep] for name, v in self.extra_scores.items()}
 
     def score_gaps(self) -> np.ndarray:
-        """(len,) raw score of each item's best image minus its worst's (by rank), averaged over its scorers;
-        the item's `scores` when it has no per-scorer scores; NaN when it has neither."""
-        n = len(self._item_id)
-        ranks = np.stack([self._ranks_of(i) for i in range(n)]) if n else np.zeros((0, self.k), np.int64)
-        order = np.argsort(ranks, axis=1, kind="stable")  # as the trainer pairs them (batch.winner_loser)
-        best, worst, rows = order[:, 0], order[:, -1], np.arange(n)
+        """(len,) raw score of each item's trained winner minus its loser, averaged over its scorers; the item's
+        `scores` when it has no per-scorer scores; NaN when it has neither."""
+        rows, (winner, loser) = np.arange(len(self._pair)), self._pair.T
         tables = list(self.extra_scores.values()) or [self._scores]
-        gaps = np.stack([t[rows, best] - t[rows, worst] for t in tables])  # (scorers, n)
+        gaps = np.stack([t[rows, winner] - t[rows, loser] for t in tables])  # (scorers, n)
         return gaps.mean(axis=0)
 
     def __len__(self) -> int:
@@ -144,13 +141,6 @@ class LatentPairDataset(torch.utils.data.Dataset):
         self._handles[shard] = f
         return f
 
-    def _ranks_of(self, i: int) -> np.ndarray:
-        if self._ranks[i, 0] >= 0:
-            return self._ranks[i]
-        if not np.isnan(self._label[i]):
-            return label_ranks(float(self._label[i]))
-        return dense_ranks(self._scores[i])
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"item {i} out of range for {len(self)} items")
@@ -171,8 +161,11 @@ class LatentPairDataset(torch.utils.data.Dataset):
             "prompt_embeds": text.get_slice("prompt_embeds")[t].float(),
             "time_ids": time_ids,
             "label": torch.tensor(float(self._label[i]), dtype=torch.float32),
-            "ranks": torch.from_numpy(self._ranks_of(i).copy()),
+            "ranks": torch.from_numpy(self._ranks[i].copy()),
+            "pair": torch.from_numpy(self._pair[i].copy()),
+            "pair_label": torch.tensor(float(self._pair_label[i]), dtype=torch.float32),
             "scores": torch.from_numpy(self._scores[i].copy()),
+            "extra_scores": {name: torch.from_numpy(v[i].copy()) for name, v in self.extra_scores.items()},
         }
         if self.family == "sdxl":
             out["pooled"] = text.get_slice("pooled")[t].float()

@@ -22,7 +22,6 @@ position. With `pairing = "per_image"` each image has its own draws (the officia
 
 from __future__ import annotations
 
-import hashlib
 import io
 import threading
 import warnings
@@ -34,6 +33,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffalign.data.errors import CorruptImageError
+from diffalign.randomness import hash_int
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 _OPEN_LOCK = threading.Lock()  # warnings.catch_warnings mutates global state; Image.open only reads headers
@@ -107,7 +107,7 @@ class Augment:
 
 def _uniform(seed: int, source_id: str, what: str, index: int | None) -> float:
     key = f"{seed}\0{source_id}\0{what}\0{'' if index is None else index}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2.0**64
+    return hash_int(key) / 2.0**64
 
 
 def draw_augments(seed: int, source_id: str, k: int, random_flip: bool, pairing: str) -> list[Augment]:

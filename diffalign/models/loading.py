@@ -19,14 +19,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffalign.config import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, BUILTIN_TOY, ModelConfig
+from diffalign.models.errors import ModelLoadError  # re-exported: diffalign.models.loading.ModelLoadError
 
 BUILTINS = (BUILTIN_TINY_SDXL, BUILTIN_TINY_SD15, BUILTIN_TOY)
 
 Family = Literal["sd15", "sdxl"]
-
-
-class ModelLoadError(RuntimeError):
-    """The configured model could not be found or is not a supported SD1.5/SDXL pipeline."""
 
 
 @dataclass

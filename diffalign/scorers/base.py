@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffalign.rewards import bradley_terry  # re-exported: diffalign.scorers.bradley_terry
+
 Images = Union[Sequence[Image.Image], torch.Tensor]
 
 
@@ -42,11 +44,6 @@ class Scorer(Protocol):
     def score(self, images: Images, prompts: Sequence[str]) -> dict[str, torch.Tensor]: ...
 
     def prefer(self, a: Images, b: Images, prompts: Sequence[str]) -> Preference: ...
-
-
-def bradley_terry(score_a: torch.Tensor, score_b: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """P(a > b) = σ((s_a - s_b) / T): the Bradley–Terry model on scores, for scorers without a calibration."""
-    return torch.sigmoid((score_a - score_b) / temperature)
 
 
 def as_uint8_arrays(images: Images) -> list[np.ndarray]:

@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffalign.models.loading import ModelLoadError
+from diffalign.models.errors import ModelLoadError
 from diffalign.models.tiny import SD_SCHEDULER
 from diffalign.models.tokenizer import build_clip_tokenizer
 

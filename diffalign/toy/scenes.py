@@ -11,7 +11,6 @@ split of captions never used for pretraining or preference data; evaluation uses
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import random
 import re
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from diffalign.randomness import hash_int
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -64,7 +65,7 @@ def _split() -> tuple[list[SceneSpec], list[SceneSpec]]:
     """A fixed split by caption hash, about 1 in 3 held out; every attribute value occurs on both sides."""
     train, held = [], []
     for spec in all_specs():
-        h = int.from_bytes(hashlib.blake2b(spec.caption.encode(), digest_size=4).digest(), "little")
+        h = hash_int(spec.caption, bits=32)
         (held if h % 3 == 0 else train).append(spec)
     return train, held
 
@@ -84,8 +85,7 @@ def parse_caption(caption: str) -> SceneSpec:
 
 
 def _rng(spec: SceneSpec, seed: int) -> random.Random:
-    digest = hashlib.blake2b(f"{spec.caption}/{seed}".encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
+    return random.Random(hash_int(f"{spec.caption}/{seed}"))
 
 
 def sample_scene(spec: SceneSpec, seed: int) -> Scene:

@@ -1,9 +1,16 @@
-"""From a collated `LatentPairDataset` batch to one batched UNet input for all images of the step.
+"""From a collated `LatentPairDataset` batch to a `LatentBatch`: all K images of each item, their shared draws
+and their real preference signal.
 
-Pairing invariants (research/dpo_anchors.md §1.1, §7): winner and loser share the timestep t, the
-noise ε and caption dropout; each image keeps its own SDXL time ids. Every draw comes from
-`item_generator(seed, step, slot, item_id, stream)`, with `slots` the items' positions in the
-optimizer step's global batch.
+Pairing invariants (research/dpo_anchors.md §1.1, §7): all images of an item share the timestep t, the noise
+ε and the caption-dropout decision; each image keeps its own SDXL time ids and its own posterior sample. Every
+draw comes from `Draws` (counter-based: seed, step, slot in the step's global batch, item id, stream). The
+posterior noise is one (K, C, h, w) draw per item, whatever the method uses of it, so a pairwise method and a
+K-image method see the same latents for the same item.
+
+Images are chosen per item by an index tensor `images` of shape (B, n) (slot numbers 0..K-1); everything a
+method runs the UNet on is laid out image-major: row j·B + b is image `images[b, j]` of item b, so the errors
+reshape to (B, n) with `per_image`. A pairwise method passes `batch.pair().images` ((B, 2): winner, loser),
+which gives the [winners; losers] layout of one batched forward.
 """
 
 from __future__ import annotations
@@ -12,85 +19,134 @@ from dataclasses import dataclass
 
 import torch
 
-from diffalign.diffusion import add_noise, sample_posterior, training_target
-from diffalign.trainers.randomness import item_generator
+from diffalign.diffusion import sample_posterior
+from diffalign.randomness import Draws
 
 
 @dataclass
-class UNetInputs:
-    noisy: torch.Tensor  # (N, C, h, w), N = B (winners) or 2B (winners then losers)
-    timesteps: torch.Tensor  # (N,)
-    target: torch.Tensor  # (N, C, h, w)
-    encoder_hidden_states: torch.Tensor  # (N, L, D)
-    added_cond: dict[str, torch.Tensor] | None  # SDXL: text_embeds (N, D2), time_ids (N, 6)
-    label: torch.Tensor  # (B,) P(winner preferred): 1, or 0.5 for a tie
+class Cond:
+    """Text conditioning of N UNet rows: prompt embeddings and, for SDXL, pooled embeddings and time ids."""
+
+    prompt_embeds: torch.Tensor  # (N, L, D)
+    pooled: torch.Tensor | None = None  # (N, D2)
+    time_ids: torch.Tensor | None = None  # (N, 6)
+
+    def to(self, device, dtype) -> "Cond":
+        move = lambda x: None if x is None else x.to(device, dtype)  # noqa: E731
+        return Cond(move(self.prompt_embeds), move(self.pooled), move(self.time_ids))
 
     def unet_kwargs(self) -> dict:
-        kw = dict(sample=self.noisy, timestep=self.timesteps, encoder_hidden_states=self.encoder_hidden_states)
-        if self.added_cond is not None:
-            kw["added_cond_kwargs"] = self.added_cond
+        kw = {"encoder_hidden_states": self.prompt_embeds}
+        if self.pooled is not None:
+            kw["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
         return kw
 
 
-def winner_loser(ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, K) ranks (0 = best) -> winner index, loser index (best and worst), label (0.5 if they tie)."""
-    order = torch.argsort(ranks, dim=1, stable=True)
-    w, l = order[:, 0], order[:, -1]
-    tie = ranks.gather(1, w[:, None]) == ranks.gather(1, l[:, None])
-    return w, l, torch.where(tie[:, 0], 0.5, 1.0)
+@dataclass
+class Pair:
+    """The pair a pairwise method trains on (decided by `diffalign.data.pairing`, carried by the dataset)."""
+
+    winner: torch.Tensor  # (B,) slot of the preferred image
+    loser: torch.Tensor  # (B,)
+    label: torch.Tensor  # (B,) P(winner preferred): 1 for a hard pair, soft labels kept, 0.5 for a kept tie
+
+    @property
+    def images(self) -> torch.Tensor:
+        """(B, 2): winner and loser slots, for `LatentBatch.x0` / `cond`."""
+        return torch.stack([self.winner, self.loser], dim=1)
 
 
 @dataclass
-class Conditioning:
-    """What the loop knows about the model: schedule, latent scale, target type, empty caption."""
+class LatentBatch:
+    """B items of K cached images each, with one t, ε and caption-dropout decision per item."""
 
-    alphas_cumprod: torch.Tensor
+    item_id: torch.Tensor  # (B,)
+    mean: torch.Tensor  # (B, K, C, h, w) unscaled VAE posterior mean
+    logvar: torch.Tensor  # (B, K, C, h, w)
+    posterior_noise: torch.Tensor  # (B, K, C, h, w): one draw per item
+    scaling_factor: float
+    t: torch.Tensor  # (B,) long, shared by the item's images
+    noise: torch.Tensor  # (B, C, h, w): ε, shared by the item's images
+    dropped: torch.Tensor  # (B,) bool: caption replaced by the empty caption
+    prompt_embeds: torch.Tensor  # (B, L, D), after dropout
+    pooled: torch.Tensor | None  # (B, D2), after dropout (SDXL)
+    time_ids: torch.Tensor | None  # (B, K, 6): each image its own (SDXL)
+    label: torch.Tensor  # (B,) the item's own label, P(images[0] preferred); NaN when none
+    ranks: torch.Tensor  # (B, K) 0 = best
+    scores: torch.Tensor  # (B, K) per-image preference scores (φ for synthetic data); NaN when none
+    extra_scores: dict[str, torch.Tensor]  # scorer -> (B, K) raw scores
+    pair_slots: torch.Tensor  # (B, 2) winner, loser
+    pair_label: torch.Tensor  # (B,)
+
+    @property
+    def size(self) -> int:
+        return len(self.item_id)
+
+    @property
+    def k(self) -> int:
+        return self.mean.shape[1]
+
+    def pair(self) -> Pair:
+        return Pair(self.pair_slots[:, 0], self.pair_slots[:, 1], self.pair_label)
+
+    def all_images(self) -> torch.Tensor:
+        """(B, K): every image of every item."""
+        return torch.arange(self.k).expand(self.size, self.k)
+
+    def x0(self, images: torch.Tensor) -> torch.Tensor:
+        """(n·B, C, h, w): a fresh posterior sample of each chosen image, times the VAE scaling factor (image-major)."""
+        rows = torch.arange(self.size)
+        out = []
+        for which in images.T:
+            z = sample_posterior(self.mean[rows, which], self.logvar[rows, which], self.posterior_noise[rows, which])
+            out.append(z * self.scaling_factor)
+        return torch.cat(out)
+
+    def cond(self, images: torch.Tensor) -> Cond:
+        """The conditioning of the chosen images' rows (image-major), each image with its own time ids."""
+        n, rows = images.shape[1], torch.arange(self.size)
+        if self.pooled is None:
+            return Cond(self.prompt_embeds.repeat(n, 1, 1))
+        time_ids = torch.cat([self.time_ids[rows, which] for which in images.T])
+        return Cond(self.prompt_embeds.repeat(n, 1, 1), self.pooled.repeat(n, 1), time_ids)
+
+    def timesteps(self, n: int) -> torch.Tensor:
+        """(n·B,): the item's shared t for each of n chosen images."""
+        return self.t.repeat(n)
+
+    def shared_noise(self, n: int) -> torch.Tensor:
+        """(n·B, C, h, w): the item's shared ε for each of n chosen images."""
+        return self.noise.repeat(n, 1, 1, 1)
+
+
+def per_image(values: torch.Tensor, n: int) -> torch.Tensor:
+    """(n·B,) image-major -> (B, n)."""
+    return values.view(n, -1).T
+
+
+@dataclass
+class BatchRules:
+    """What the loop knows when it builds a batch: schedule length, latent scale, empty caption, dropout."""
+
     num_train_timesteps: int
     scaling_factor: float
-    prediction_type: str
     empty_prompt_embeds: torch.Tensor
     empty_pooled: torch.Tensor | None
     caption_dropout: float
-    seed: int
 
 
-def build_inputs(batch: dict, cond: Conditioning, step: int, slots: list[int], uses_loser: bool, device, dtype) -> UNetInputs:
-    ids = batch["item_id"].tolist()
-    w_idx, l_idx, label = winner_loser(batch["ranks"])
-    pick = [w_idx, l_idx] if uses_loser else [w_idx]
-    rows = torch.arange(len(ids))
-
-    def draw(stream: str, fn):
-        return [fn(item_generator(cond.seed, step, slot, i, stream)) for slot, i in zip(slots, ids)]
-
-    image_shape = batch["mean"].shape[1:]  # (K, C, h, w)
-    posterior_noise = torch.stack(draw("latent", lambda g: torch.randn(image_shape, generator=g)))  # (B, K, C, h, w)
-    x0, time_ids = [], []
-    for which in pick:
-        z = sample_posterior(batch["mean"][rows, which], batch["logvar"][rows, which], posterior_noise[rows, which])
-        x0.append(z * cond.scaling_factor)  # (B, C, h, w)
-        if "time_ids" in batch:
-            time_ids.append(batch["time_ids"][rows, which])  # (B, 6): each image its own
-    # one t, one ε and one dropout decision per item, shared by its winner and loser
-    shared_t = torch.cat(draw("timestep", lambda g: torch.randint(0, cond.num_train_timesteps, (1,), generator=g)))
-    shared_eps = torch.stack(draw("noise", lambda g: torch.randn(image_shape[1:], generator=g)))
-    drop = torch.tensor([bool(r < cond.caption_dropout) for r in draw("caption_dropout", lambda g: torch.rand(1, generator=g))])
-
-    prompt = torch.where(drop[:, None, None], cond.empty_prompt_embeds, batch["prompt_embeds"])
-    x0 = torch.cat(x0)  # (N, C, h, w), winners first
-    t = shared_t.repeat(len(pick))
-    noise = shared_eps.repeat(len(pick), 1, 1, 1)
-    noisy = add_noise(x0, noise, t, cond.alphas_cumprod)
-    target = training_target(x0, noise, t, cond.alphas_cumprod, cond.prediction_type)
-    added = None
-    if "pooled" in batch:
-        text_embeds = torch.where(drop[:, None], cond.empty_pooled, batch["pooled"])
-        added = {"text_embeds": text_embeds.repeat(len(pick), 1).to(device, dtype), "time_ids": torch.cat(time_ids).to(device, dtype)}
-    return UNetInputs(
-        noisy=noisy.to(device, dtype),
-        timesteps=t.to(device),
-        target=target.to(device),
-        encoder_hidden_states=prompt.repeat(len(pick), 1, 1).to(device, dtype),
-        added_cond=added,
-        label=label.to(device),
+def build_batch(raw: dict, rules: BatchRules, draws: Draws) -> LatentBatch:
+    """Draw each item's posterior noise, t, ε and caption dropout (keyed by `draws`) and apply the dropout."""
+    image_shape = raw["mean"].shape[1:]  # (K, C, h, w)
+    posterior_noise = torch.stack(draws.per_item("latent", lambda g: torch.randn(image_shape, generator=g)))
+    t = torch.cat(draws.per_item("timestep", lambda g: torch.randint(0, rules.num_train_timesteps, (1,), generator=g)))
+    noise = torch.stack(draws.per_item("noise", lambda g: torch.randn(image_shape[1:], generator=g)))
+    dropped = torch.tensor([bool(r < rules.caption_dropout) for r in draws.per_item("caption_dropout", lambda g: torch.rand(1, generator=g))])
+    prompt = torch.where(dropped[:, None, None], rules.empty_prompt_embeds, raw["prompt_embeds"])
+    pooled = torch.where(dropped[:, None], rules.empty_pooled, raw["pooled"]) if "pooled" in raw else None
+    return LatentBatch(
+        item_id=raw["item_id"], mean=raw["mean"], logvar=raw["logvar"], posterior_noise=posterior_noise,
+        scaling_factor=rules.scaling_factor, t=t, noise=noise, dropped=dropped, prompt_embeds=prompt, pooled=pooled,
+        time_ids=raw["time_ids"] if pooled is not None else None, label=raw["label"], ranks=raw["ranks"], scores=raw["scores"],
+        extra_scores=dict(raw.get("extra_scores", {})), pair_slots=raw["pair"], pair_label=raw["pair_label"],
     )

@@ -1,12 +1,13 @@
-"""The one training loop for offline preference methods (Diffusion-DPO, SFT), on accelerate.
+"""The one training loop, on accelerate. It knows no method by name: it builds what the method's `Needs` ask for.
 
 Read top to bottom: `__init__` validates, `setup` builds in dependency order, `train` runs the steps,
 `save_checkpoint` / `resume` keep crash-safe state, `finish` exports the weights and prints a summary.
 
-Per optimizer step and process: `grad_accum` micro-batches, each ONE batched policy forward over
-[winners; losers] and one reference forward on the same inputs (adapters disabled for LoRA, a frozen
-copy for full fine-tuning). Randomness is counter-based (`randomness.py`), the data order is indexed
-(`sampler.py`), so a resumed run continues exactly where a committed checkpoint left it.
+Per optimizer step and process: `grad_accum` micro-batches; each becomes a `LatentBatch` (all K images of
+each item, one t, ε and caption dropout per item, the real preference signal) and the method turns it into a
+loss through `Models` (policy, reference: adapters disabled for LoRA, a frozen copy for full fine-tuning).
+Randomness is counter-based (`diffalign.randomness`), the data order is indexed (`sampler.py`), so a resumed
+run continues exactly where a committed checkpoint left it.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from diffalign.config import Config, dump_config
-from diffalign.data import LatentPairDataset, check_cache, prepare_cache
-from diffalign.diffusion import per_sample_mse
+from diffalign.data import LatentPairDataset, prepare_cache
+from diffalign.data.manifest import MANIFEST, read_json
 from diffalign.io import atomic_write_text, load_safetensors, save_safetensors, torch_load, torch_save
 from diffalign.models.loading import Components, load_components
-from diffalign.models.lora import adapters_disabled, attach_lora, save_lora, trainable_state_dict
+from diffalign.models.lora import attach_lora, save_lora, trainable_state_dict
+from diffalign.randomness import Draws
 from diffalign.trainers import checkpoint as ckpt
-from diffalign.trainers.batch import Conditioning, build_inputs
+from diffalign.trainers.batch import BatchRules, build_batch
 from diffalign.trainers.methods import build_method
+from diffalign.trainers.models import Models, Schedule
 from diffalign.trainers.optim import build_lr_schedule, build_optimizer, effective_lr
 from diffalign.trainers.report import MetricsLog, print_summary
 from diffalign.trainers.sampler import GlobalBatchSampler
@@ -41,8 +44,13 @@ from diffalign.trainers.validation import validation_grid
 # Fields that must match between a checkpoint and the run resuming it (the rest may change, e.g. max_steps).
 IDENTITY_FIELDS = (
     "model.pretrained", "model.revision", "model.finetune", "model.lora", "method", "data.resolution",
-    "data.caption_dropout", "data.ties", "train.seed", "train.batch_size", "train.grad_accum", "train.mixed_precision",
+    "data.caption_dropout", "data.ties", "data.min_score_gap", "data.phi_ties", "train.seed", "train.batch_size", "train.grad_accum",
+    "train.mixed_precision",
 )
+# Which items a cache yields and how they pair. 2: `data.ties = drop` also drops items whose best and worst images tie
+# by rank or score (before: only label 0.5), and labelled pairs keep soft labels. A checkpoint of rules 1 would resume
+# on another item set and data order, so it is refused with that reason.
+PAIRING_RULES = 2
 
 
 class TrainingError(RuntimeError):
@@ -69,6 +77,11 @@ class PreferenceTrainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.method = build_method(cfg.method)
+        needs = self.method.needs
+        unsupported = [what for what, asked in (("rollouts (feed = 'prompts')", needs.feed != "latents"),
+                                                 ("an EMA teacher", needs.teacher_decay is not None), ("rewards", needs.rewards)) if asked]
+        if unsupported:
+            raise TrainingError(f"method {self.method.name!r} needs {', '.join(unsupported)}, which this loop does not build yet")
         self.output_dir = Path(cfg.train.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
 
@@ -88,15 +101,10 @@ class PreferenceTrainer:
         # 1. the frozen parts and the data: components load once; the cache is built by the main process
         self.components = components or load_components(cfg.model)
         with acc.main_process_first():
-            if acc.is_main_process:
-                encoders = [self.components.vae, *self.components.text_encoders]
-                for module in encoders:  # encode on the accelerator; afterwards they are needed only for validation
-                    module.to(acc.device)
-                prepare_cache(cfg, self.components, progress=cfg.log.progress)
-                for module in encoders:
-                    module.to("cpu")
-        self.manifest = check_cache(cfg, self.components)
-        self.dataset = LatentPairDataset(cfg.data.cache_dir, cfg.data)
+            if acc.is_main_process:  # encodes on the GPU when there is one, then gives the encoders back
+                prepare_cache(cfg, self.components, progress=cfg.log.progress)  # builds, or verifies a complete cache once
+        self.manifest = read_json(Path(cfg.data.cache_dir) / MANIFEST)
+        self.dataset = LatentPairDataset(cfg.data.cache_dir, cfg.data, manifest=self.manifest)
         if len(self.dataset) == 0:
             raise TrainingError(f"data: no usable items in {cfg.data.cache_dir} (ties dropped: data.ties = {cfg.data.ties})")
 
@@ -113,7 +121,7 @@ class PreferenceTrainer:
                     p.data = p.data.float()
         else:
             unet.requires_grad_(True)
-            if self.method.needs_reference:  # copied and cast on the host, then moved
+            if self.method.needs.reference:  # copied and cast on the host, then moved
                 self.reference = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype=self.weight_dtype)
                 if cfg.model.reference_offload and acc.device.type != "cpu":
                     from accelerate import cpu_offload
@@ -147,17 +155,15 @@ class PreferenceTrainer:
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
 
         scheduler = self.components.scheduler
-        empty = self.dataset.empty_prompt_embeds
-        self.cond = Conditioning(
-            alphas_cumprod=scheduler.alphas_cumprod.float(),
+        self.schedule = Schedule(scheduler.alphas_cumprod.float(), self.components.prediction_type)
+        self.batch_rules = BatchRules(
             num_train_timesteps=scheduler.config.num_train_timesteps,
             scaling_factor=self.components.vae.config.scaling_factor,
-            prediction_type=self.components.prediction_type,
-            empty_prompt_embeds=empty,
-            empty_pooled=getattr(self.dataset, "empty_pooled", None),
+            empty_prompt_embeds=self.dataset.empty_prompt_embeds,
+            empty_pooled=self.dataset.empty_pooled,
             caption_dropout=cfg.data.caption_dropout,
-            seed=cfg.train.seed,
         )
+        self.models = Models(self.unet, acc, self.schedule, self.weight_dtype, lora=self.lora, frozen_reference=self.reference)
 
         # 4. where to start
         self.step, self.micro_batch = 0, 0
@@ -186,32 +192,18 @@ class PreferenceTrainer:
 
     # ------------------------------------------------------------------------------------------ train
 
-    def reference_errors(self, inputs) -> torch.Tensor:
-        with torch.no_grad(), self.accelerator.autocast():
-            if self.lora:
-                with adapters_disabled(self.accelerator.unwrap_model(self.unet)) as base:
-                    pred = base(**inputs.unet_kwargs()).sample
-            else:
-                pred = self.reference(**inputs.unet_kwargs()).sample
-        return per_sample_mse(pred, inputs.target)
-
-    def micro_step(self, batch: dict, micro: int) -> dict[str, torch.Tensor]:
+    def micro_step(self, raw: dict, micro: int) -> dict[str, torch.Tensor]:
         acc = self.accelerator
         b, n = self.cfg.train.batch_size, acc.num_processes
         first = micro * b * n + acc.process_index * b  # this micro-batch's place in the step's global batch
-        slots = list(range(first, first + len(batch["item_id"])))
-        inputs = build_inputs(batch, self.cond, self.step, slots, self.method.uses_loser, acc.device, self.weight_dtype)
-        with acc.autocast():
-            pred = self.unet(**inputs.unet_kwargs()).sample
-        model_err = per_sample_mse(pred, inputs.target)
-        ref_err = self.reference_errors(inputs) if self.method.needs_reference else torch.zeros_like(model_err)
-        halves = (lambda e: e.chunk(2)) if self.method.uses_loser else (lambda e: (e, None))
-        (m_w, m_l), (r_w, r_l) = halves(model_err), halves(ref_err)
-        loss, metrics = self.method.compute(m_w, m_l, r_w, r_l, inputs.label)
+        ids = raw["item_id"].tolist()
+        draws = Draws(self.cfg.train.seed, self.step, range(first, first + len(ids)), ids)
+        loss, metrics = self.method.loss(self.models, build_batch(raw, self.batch_rules, draws), draws)
         if not torch.isfinite(loss):
+            shown = ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items() if k != "loss")
             raise TrainingError(
-                f"non-finite loss {loss.item()} at step {self.step}, micro-batch {micro}, items {batch['item_id'].tolist()} "
-                f"(model errors {model_err.tolist()}); lower optim.lr or check the cache"
+                f"non-finite loss {loss.item()} at step {self.step}, micro-batch {micro}, items {ids} ({shown}); "
+                "lower optim.lr or check the cache"
             )
         acc.backward(loss / self.cfg.train.grad_accum)
         return metrics
@@ -260,7 +252,7 @@ class PreferenceTrainer:
                 self.metrics_log.write(self.step, metrics)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "implicit_acc") if k in metrics})
+                bar.set_postfix({k: f"{metrics[k]:.4g}" for k in self.method.progress_keys if k in metrics})
             if cfg.eval.validation_every and self.step % cfg.eval.validation_every == 0:
                 self.validate()
             if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.max_steps:
@@ -290,6 +282,7 @@ class PreferenceTrainer:
         ident = {k: _dotted(self.cfg, k) for k in IDENTITY_FIELDS}
         ident["num_processes"] = self.accelerator.num_processes
         ident["cache"] = self.manifest.get("fingerprint") or self.manifest.get("source_hash")
+        ident["pairing_rules"] = PAIRING_RULES
         return ident
 
     def save_checkpoint(self) -> Path | None:
@@ -333,6 +326,14 @@ class PreferenceTrainer:
             return None
         ckpt.verify(path)
         state = json.loads((path / "state.json").read_text())
+        rules = state["identity"].get("pairing_rules", 1)
+        if rules != PAIRING_RULES:
+            raise TrainingError(
+                f"cannot resume from {path}: it was written under pairing rules {rules} (this diffalign: {PAIRING_RULES}). Since "
+                "rules 2, data.ties = drop also drops items whose best and worst images tie by rank or score, and labelled pairs keep "
+                "soft labels, so the resumed run would see other items in another order; start a new run (another "
+                "train.output_dir, or train.resume=null)"
+            )
         mine = self._identity()
         diffs = [f"{k} (checkpoint {state['identity'].get(k)!r}, config {v!r})" for k, v in mine.items() if state["identity"].get(k) != v]
         if diffs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CURVES = ("loss", "implicit_acc", "reward_margin", "model_mse", "ref_mse", "grad_norm")
+NOT_PLOTTED = ("lr", "samples_per_s")  # in metrics.jsonl, but not curves a person reads for progress
 
 
 class MetricsLog:
@@ -38,7 +38,7 @@ class MetricsLog:
         return {f"{k}_last{len(tail)}": sum(r[k] for r in tail if k in r) / max(1, sum(k in r for r in tail)) for k in sorted(keys)}
 
     def plot(self, out: Path) -> Path | None:
-        present = [k for k in CURVES if any(k in r for r in self.rows)]
+        present = list(dict.fromkeys(k for r in self.rows for k in r if k != "step" and k not in NOT_PLOTTED))  # the method's, in order
         if not self.enabled or not present:
             return None
         import matplotlib

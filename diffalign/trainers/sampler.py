@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from diffalign.trainers.randomness import epoch_permutation
+from diffalign.randomness import epoch_permutation
 
 
 class GlobalBatchSampler(Sampler[int]):

@@ -8,18 +8,10 @@ import torch
 from PIL import Image
 
 from diffalign.config import EvalConfig
+from diffalign.imagegrid import paint_grid
+from diffalign.models.devices import on_device
 from diffalign.models.loading import Components, build_pipeline
 from diffalign.models.lora import adapters_disabled
-
-
-def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
-    """Paste rows of equally sized images into one image."""
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for y, row in enumerate(rows):
-        for x, im in enumerate(row):
-            grid.paste(im, (x * w, y * h))
-    return grid
 
 
 @torch.no_grad()
@@ -35,22 +27,20 @@ def render(components: Components, unet, cfg: EvalConfig, resolution: int, devic
 
 
 def validation_grid(components: Components, unet, cfg: EvalConfig, resolution: int, device, lora: bool, out_path: Path) -> Image.Image:
-    """Row 1: the model being trained; row 2 (LoRA only): the same UNet with adapters disabled."""
-    moved = [m for m in (components.vae, *components.text_encoders) if m.device != torch.device(device)]
-    for m in moved:
-        m.to(device)
+    """Row 1: the model being trained; row 2 (LoRA only): the same UNet with adapters disabled.
+
+    The VAE and text encoders are lent to `device` for the sampling and go back where they were."""
     was_training = unet.training
     unet.eval()
     try:
-        rows = [render(components, unet, cfg, resolution, device)]
-        if lora:
-            with adapters_disabled(unet):
-                rows.append(render(components, unet, cfg, resolution, device))
+        with on_device([components.vae, *components.text_encoders], device):
+            rows = [render(components, unet, cfg, resolution, device)]
+            if lora:
+                with adapters_disabled(unet):
+                    rows.append(render(components, unet, cfg, resolution, device))
     finally:
         unet.train(was_training)
-        for m in moved:
-            m.to("cpu")
-    grid = image_grid(rows)
+    grid = paint_grid(rows)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out_path)
     return grid

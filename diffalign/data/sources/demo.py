@@ -10,7 +10,6 @@ Pick-a-Pic; `write_demo_parquet` writes the very same pairs as a Pick-a-Pic-form
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import random
 from pathlib import Path
@@ -21,14 +20,14 @@ import pyarrow.parquet as pq
 
 from diffalign.data.digest import json_digest
 from diffalign.data.sources.base import SourceItem
+from diffalign.randomness import hash_int
 from diffalign.toy.scenes import COLOURS, Scene, all_specs, render, sample_scene
 
 VERSION = 2  # bump when the drawing changes, so old caches are refused (2: drawn by diffalign.toy.scenes)
 
 
 def _rng(seed: int, index: int) -> random.Random:
-    digest = hashlib.blake2b(f"diffalign-demo\0{seed}\0{index}".encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
+    return random.Random(hash_int(f"diffalign-demo\0{seed}\0{index}"))
 
 
 def _jpeg(scene: Scene, size: int) -> bytes:

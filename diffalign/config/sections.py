@@ -1,42 +1,18 @@
-"""The typed configuration: one pydantic schema, loaded from YAML, with dotted command-line overrides.
+"""The configuration sections other than the method: model, data (with its sources), optim, train, log, eval.
 
-Precedence is schema default < YAML < dotted override (``optim.lr=2e-5``). Every field's ``description``
-is its documentation. Unknown keys are refused with their dotted path and the closest valid key; wrong
-types name the field and the offending value. ``method`` is a discriminated union on ``method.name``.
-
-β convention (stated once, logged with every config)::
-
-    loss = -log σ(-β/2 · [(e_θ(w) - e_ref(w)) - (e_θ(l) - e_ref(l))]),   e = per-sample MSE mean over C,H,W
-
-This is the official Diffusion-DPO convention (``scale_term = -0.5 * beta_dpo``), so β = 5000 here means
-what β = 5000 means in SalesforceAIResearch/DiffusionDPO and β = 2500 in diffusers' SD1.5 DPO script.
+Every field's ``description`` is its documentation. Checks here are data only: they never import the toy
+world, the scorer registry or the trainers (the synthetic source's prompts and scorers are checked where the
+source is opened, `diffalign.data.sources.synthetic`).
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-BUILTIN_TINY_SDXL = "builtin:tiny-sdxl"
-BUILTIN_TINY_SD15 = "builtin:tiny-sd15"
-BUILTIN_TOY = "builtin:toy"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the dotted key and the value."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-# --------------------------------------------------------------------------------------------- model
+from diffalign.config.base import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, BUILTIN_TOY, Section
 
 
 class LoraConfig(Section):
@@ -108,26 +84,6 @@ PROMPT_SETS = {"toy-train": "the training captions of the toy world (diffalign.t
 EVAL_ONLY_PROMPT_SETS = {"toy-held-out": "the toy world's held-out captions (diffalign.toy.scenes.HELD_OUT)"}
 
 
-def builtin_prompts(name: str) -> list[str]:
-    """The captions of a built-in prompt set (`PROMPT_SETS`); evaluation-only sets are refused."""
-    if name in EVAL_ONLY_PROMPT_SETS:
-        raise ValueError(
-            f"prompt set {name!r} is {EVAL_ONLY_PROMPT_SETS[name]}: held-out captions are for evaluation only and may never "
-            f"become preference data; use one of: {', '.join(PROMPT_SETS)}"
-        )
-    if name == "toy-train":
-        from diffalign.toy.scenes import TRAIN
-
-        return [spec.caption for spec in TRAIN]
-    raise ValueError(f"unknown prompt set {name!r}; built-in sets: {', '.join(PROMPT_SETS)} (or give a list of captions)")
-
-
-def _held_out_captions() -> set[str]:
-    from diffalign.toy.scenes import HELD_OUT
-
-    return {spec.caption for spec in HELD_OUT}
-
-
 class SyntheticSource(Section):
     kind: Literal["synthetic"] = Field(
         "synthetic",
@@ -137,7 +93,8 @@ class SyntheticSource(Section):
     prompts: Union[list[str], str] = Field(
         ...,
         description="The prompts: a list of captions, or the name of a built-in prompt set ('toy-train': the toy world's "
-        "training captions). Evaluation-only prompt sets and captions ('toy-held-out') are refused.",
+        "training captions). Evaluation-only prompt sets and captions ('toy-held-out') are refused (captions when the "
+        "source is opened).",
     )
     num_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts (null = all).")
     images_per_prompt: int = Field(4, ge=2, description="K: images generated per prompt (Syn-Pic: 4).")
@@ -171,28 +128,20 @@ class SyntheticSource(Section):
     @classmethod
     def _check_prompts(cls, v: list[str] | str) -> list[str] | str:
         if isinstance(v, str):
-            builtin_prompts(v)  # raises for unknown and evaluation-only sets
-            return v
-        if not v:
+            if v in EVAL_ONLY_PROMPT_SETS:
+                raise ValueError(
+                    f"prompt set {v!r} is {EVAL_ONLY_PROMPT_SETS[v]}: held-out captions are for evaluation only and may never "
+                    f"become preference data; use one of: {', '.join(PROMPT_SETS)}"
+                )
+            if v not in PROMPT_SETS:
+                raise ValueError(f"unknown prompt set {v!r}; built-in sets: {', '.join(PROMPT_SETS)} (or give a list of captions)")
+        elif not v:
             raise ValueError("needs at least one prompt")
-        held = _held_out_captions()
-        leaked = [p for p in v if p.strip().lower() in held]
-        if leaked:
-            raise ValueError(
-                f"{len(leaked)} prompt(s) are held-out evaluation captions (e.g. {leaked[0]!r}); held-out captions are for "
-                "evaluation only and may never become preference data"
-            )
         return v
 
     @field_validator("scorers")
     @classmethod
-    def _check_scorers(cls, v: list[str]) -> list[str]:
-        from diffalign.scorers.registry import available
-
-        names = available()
-        unknown = [s for s in v if s not in names]
-        if unknown:
-            raise ValueError(f"unknown scorer(s) {', '.join(repr(s) for s in unknown)}; available: {', '.join(names)}")
+    def _scorers_once(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("each scorer may be listed once")
         return v
@@ -204,13 +153,9 @@ class SyntheticSource(Section):
             raise ValueError(f"scorer_options for {', '.join(map(repr, stray))}, which `scorers` does not list ({', '.join(self.scorers)})")
         return self
 
-    def prompt_list(self) -> list[str]:
-        """The resolved prompts, capped at `num_prompts`."""
-        prompts = builtin_prompts(self.prompts) if isinstance(self.prompts, str) else list(self.prompts)
-        return prompts[: self.num_prompts] if self.num_prompts is not None else prompts
 
-
-SourceConfig = Annotated[Union[PickapicSource, FolderSource, DemoSource, SyntheticSource], Field(discriminator="kind")]
+SOURCE_CONFIGS = (PickapicSource, FolderSource, DemoSource, SyntheticSource)
+SourceConfig = Annotated[Union[SOURCE_CONFIGS], Field(discriminator="kind")]
 
 
 class DataConfig(Section):
@@ -232,7 +177,16 @@ class DataConfig(Section):
         description="SDXL add_time_ids: 'original' = each image's real original size and crop (diffalign default); "
         "'fixed' = [res, res, 0, 0, res, res] as the official script.",
     )
-    ties: Literal["drop", "keep"] = Field("drop", description="Pairs with label 0.5: dropped (official) or kept and trained with a soft label.")
+    ties: Literal["drop", "keep"] = Field(
+        "drop",
+        description="Items whose trained pair is tied (label 0.5, or equal best and worst rank/score): dropped (official) or kept and "
+        "trained with their label (0.5).",
+    )
+    phi_ties: Literal["half", "strict"] = Field(
+        "half",
+        description="How a tie counts in the Syn-Pic score φ computed from per-scorer scores when the data is read: 'half' (diffalign: "
+        "½, φ sums to K/2) or 'strict' (the Syn-Pic paper's C_i counts strict wins only). Not part of the cache identity.",
+    )
     min_score_gap: float = Field(
         0.0,
         ge=0,
@@ -250,24 +204,6 @@ class DataConfig(Section):
 
 
 # -------------------------------------------------------------------------------------------- method
-
-
-class DPOMethod(Section):
-    name: Literal["dpo"] = Field("dpo", description="Method tag: Diffusion-DPO (Wallace et al., 2023, arXiv:2311.12908).")
-    beta: float = Field(
-        5000.0,
-        gt=0,
-        description="β in loss = -log σ(-β/2·Δ), Δ = (e_θ(w)-e_ref(w)) - (e_θ(l)-e_ref(l)), e = per-sample MSE mean over C,H,W. "
-        "Official: 5000 (SD1.5 paper value 2000). Typical range 2000-5000.",
-    )
-
-
-class SFTMethod(Section):
-    name: Literal["sft"] = Field("sft", description="Method tag: supervised fine-tuning on the preferred image only (the official `--sft` baseline).")
-
-
-MethodConfig = Annotated[Union[DPOMethod, SFTMethod], Field(discriminator="name")]
-
 
 # --------------------------------------------------------------------------------------------- optim
 
@@ -345,160 +281,3 @@ class EvalConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- root
-
-
-class Config(Section):
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model and how it is fine-tuned.")
-    data: DataConfig = Field(default_factory=DataConfig, description="Preference source and latent-pair cache.")
-    method: MethodConfig = Field(default_factory=DPOMethod, description="Training objective (`name`: dpo, sft).")
-    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and learning-rate schedule.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Loop, precision, checkpointing.")
-    log: LogConfig = Field(default_factory=LogConfig, description="Metrics and progress.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Validation grids during training.")
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> "Config":
-        if self.model.reference_offload and self.model.finetune != "full":
-            raise ValueError("model.reference_offload applies only to model.finetune = full (LoRA's reference is the same UNet)")
-        return self
-
-
-# ------------------------------------------------------------------------------------------- loading
-
-
-def _union_tags() -> dict[tuple[str, ...], dict[str, type[BaseModel]]]:
-    """Members of each discriminated union by tag; pydantic puts the tag into error locations."""
-    return {
-        ("method",): {m.model_fields["name"].default: m for m in (DPOMethod, SFTMethod)},
-        ("data", "source"): {m.model_fields["kind"].default: m for m in (PickapicSource, FolderSource, DemoSource, SyntheticSource)},
-    }
-
-
-def _model_at(model: type[BaseModel] | None, loc: tuple) -> tuple[type[BaseModel] | None, list[str]]:
-    """Walk a validation-error location through the schema; return the model at the end and the dotted keys."""
-    keys: list[str] = []
-    tags = _union_tags()
-    for part in loc:
-        if model is not None and isinstance(part, str) and part in model.model_fields:
-            keys.append(part)
-            ann = model.model_fields[part].annotation
-            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        elif part in tags.get(tuple(keys), {}):
-            model = tags[tuple(keys)][part]
-        else:
-            keys.append(str(part))
-            model = None
-    return model, keys
-
-
-def _format_error(err: dict) -> str:
-    loc = tuple(err["loc"])
-    etype = err["type"]
-    if etype == "extra_forbidden":
-        parent, keys = _model_at(Config, loc[:-1])
-        dotted = ".".join(keys + [str(loc[-1])])
-        hint = ""
-        if parent is not None:
-            close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1, cutoff=0.5)
-            choices = ", ".join(parent.model_fields)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {choices}"
-        return f"{dotted}: unknown key{hint}"
-    _, keys = _model_at(Config, loc)
-    dotted = ".".join(keys) or "<root>"
-    if etype == "union_tag_invalid":
-        ctx = err.get("ctx", {})
-        return f"{dotted}: unknown {ctx.get('discriminator', 'tag')} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
-    if etype == "union_tag_not_found":
-        tag = err.get("ctx", {}).get("discriminator", "").strip("'")
-        options = ", ".join(_union_tags().get(tuple(keys), {}))
-        return f"{dotted}.{tag}: required key is missing (one of: {options})"
-    if etype == "missing":
-        return f"{dotted}: required key is missing"
-    if not keys:  # a cross-field check on the whole config: the input is the whole config, not worth printing
-        return err["msg"]
-    return f"{dotted}: {err['msg']} (got {err.get('input')!r})"
-
-
-def validate_config(data: dict[str, Any], origin: str = "<config>") -> Config:
-    """Build a `Config` from a plain dict, turning pydantic errors into one readable `ConfigError`."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(data).__name__}")
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        lines = [_format_error(err) for err in e.errors()]
-        raise ConfigError(f"invalid configuration in {origin}:\n  " + "\n  ".join(lines)) from None
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'optim.lr=2e-5'`` -> (['optim', 'lr'], 2e-05). Values are read as YAML scalars/lists."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {text!r}: empty key segment")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
-    return parts, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = data
-        for i, p in enumerate(parts[:-1]):
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            elif not isinstance(nxt, dict):
-                raise ConfigError(f"override {text!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return data
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        shipped = shipped_config_path(str(path))
-        if shipped is None:
-            raise ConfigError(f"config file not found: {path}")
-        path = shipped
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return data or {}
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (a path, or the name of a shipped recipe such as 'sdxl_dpo') and apply dotted overrides."""
-    data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    return validate_config(data, origin=str(path) if path else "<defaults>")
-
-
-def shipped_configs() -> list[str]:
-    """Names of the recipes shipped as package data (`diffalign.configs`), e.g. 'sdxl_dpo', 'toy/dpo'."""
-    root = Path(str(resources.files("diffalign.configs")))
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
-
-
-def shipped_config_path(name: str) -> Path | None:
-    """The file of a shipped recipe name ('sdxl_dpo', 'toy/dpo'), or None."""
-    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
-    return (Path(str(resources.files("diffalign.configs"))) / f"{stem}.yaml") if stem in shipped_configs() else None
-
-
-def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML, headed by the β convention."""
-    header = (
-        "# Resolved diffalign config. beta convention: loss = -log sigmoid(-beta/2 * [(e_theta(w) - e_ref(w)) - "
-        "(e_theta(l) - e_ref(l))]), e = per-sample MSE mean over C,H,W\n"
-    )
-    return header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,155 @@
+"""Loading a config: YAML (a path or a shipped recipe name), dotted overrides, validation with readable errors, dumping.
+
+Precedence is schema default < YAML < dotted override (``optim.lr=2e-5``). Unknown keys are refused with their
+dotted path and the closest valid key; wrong types name the field and the offending value.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from diffalign.config.base import ConfigError
+from diffalign.config.methods import BETA_CONVENTION, METHOD_CONFIGS, uses_beta
+from diffalign.config.schema import Config
+from diffalign.config.sections import SOURCE_CONFIGS
+
+
+def _union_tags() -> dict[tuple[str, ...], dict[str, type[BaseModel]]]:
+    """Members of each discriminated union by tag; pydantic puts the tag into error locations."""
+    return {
+        ("method",): dict(METHOD_CONFIGS),
+        ("data", "source"): {m.model_fields["kind"].default: m for m in SOURCE_CONFIGS},
+    }
+
+
+def _model_at(model: type[BaseModel] | None, loc: tuple) -> tuple[type[BaseModel] | None, list[str]]:
+    """Walk a validation-error location through the schema; return the model at the end and the dotted keys."""
+    keys: list[str] = []
+    tags = _union_tags()
+    for part in loc:
+        if model is not None and isinstance(part, str) and part in model.model_fields:
+            keys.append(part)
+            ann = model.model_fields[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        elif part in tags.get(tuple(keys), {}):
+            model = tags[tuple(keys)][part]
+        else:
+            keys.append(str(part))
+            model = None
+    return model, keys
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err["loc"])
+    etype = err["type"]
+    if etype == "extra_forbidden":
+        parent, keys = _model_at(Config, loc[:-1])
+        dotted = ".".join(keys + [str(loc[-1])])
+        hint = ""
+        if parent is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1, cutoff=0.5)
+            choices = ", ".join(parent.model_fields)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {choices}"
+        return f"{dotted}: unknown key{hint}"
+    _, keys = _model_at(Config, loc)
+    dotted = ".".join(keys) or "<root>"
+    if etype == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        return f"{dotted}: unknown {ctx.get('discriminator', 'tag')} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+    if etype == "union_tag_not_found":
+        tag = err.get("ctx", {}).get("discriminator", "").strip("'")
+        options = ", ".join(_union_tags().get(tuple(keys), {}))
+        return f"{dotted}.{tag}: required key is missing (one of: {options})"
+    if etype == "missing":
+        return f"{dotted}: required key is missing"
+    if not keys:  # a cross-field check on the whole config: the input is the whole config, not worth printing
+        return err["msg"]
+    return f"{dotted}: {err['msg']} (got {err.get('input')!r})"
+
+
+def validate_config(data: dict[str, Any], origin: str = "<config>") -> Config:
+    """Build a `Config` from a plain dict, turning pydantic errors into one readable `ConfigError`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = [_format_error(err) for err in e.errors()]
+        raise ConfigError(f"invalid configuration in {origin}:\n  " + "\n  ".join(lines)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'optim.lr=2e-5'`` -> (['optim', 'lr'], 2e-05). Values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        shipped = shipped_config_path(str(path))
+        if shipped is None:
+            raise ConfigError(f"config file not found: {path}")
+        path = shipped
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return data or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (a path, or the name of a shipped recipe such as 'sdxl_dpo') and apply dotted overrides."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    return validate_config(data, origin=str(path) if path else "<defaults>")
+
+
+def shipped_configs() -> list[str]:
+    """Names of the recipes shipped as package data (`diffalign.configs`), e.g. 'sdxl_dpo', 'toy/dpo'."""
+    root = Path(str(resources.files("diffalign.configs")))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def shipped_config_path(name: str) -> Path | None:
+    """The file of a shipped recipe name ('sdxl_dpo', 'toy/dpo'), or None."""
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    return (Path(str(resources.files("diffalign.configs"))) / f"{stem}.yaml") if stem in shipped_configs() else None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML; headed by the β convention when the method uses it."""
+    header = "# Resolved diffalign config." + (f" {BETA_CONVENTION}" if uses_beta(cfg.method) else "") + "\n"
+    return header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -61,15 +61,22 @@ def test_bench_runs_end_to_end_and_writes_the_report(tmp_path):
     assert (tmp_path / "report.png").is_file()
 
 
-def test_dpo_moves_the_toy_model_toward_the_preference(tmp_path):
-    """Aligned mean checklist score above the base model's, on the fixed held-out captions and seeds."""
+def test_dpo_moves_the_toy_model_toward_the_preference(tmp_path, trained):
+    """Aligned mean checklist score above the base model's, on the fixed held-out captions and seeds. The quick preset
+    runs twice on one cache root: SFT alone, then with DPO added, and the second run trains DPO only."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        first = BenchSettings(model="builtin:toy", methods=("sft",), workdir=tmp_path / "first", cache_root=tmp_path / "cache", **QUICK)
+        run_toy_bench(first, tmp_path / "first.json", progress=False)
+        assert trained == ["sft"]
+        trained.clear()
         settings = BenchSettings(model="builtin:toy", workdir=tmp_path / "work", cache_root=tmp_path / "cache", **QUICK)
         report = run_toy_bench(settings, tmp_path / "report.json", progress=False)
     finally:
         torch.set_num_threads(threads)  # later tests compare runs bit for bit on one thread
+    assert trained == ["dpo"] and report["methods"]["sft"]["reused"] and not report["methods"]["dpo"]["reused"]
+    assert all(d["reused"] for d in report["data"].values())  # the synthetic cache too
     dpo = report["methods"]["dpo"]
     assert dpo["n"] == 2 * 62 and dpo["prompts"] == 62
     assert dpo["dims"]["overall"] > 0 and dpo["win_rate"] > 0.5, markdown_table(report)

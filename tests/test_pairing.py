@@ -106,6 +106,7 @@ def test_the_pairing_rule():
     winner, loser, p = trained_pairs(np.full(3, nan), np.array([[2, 0, 1], [0, 1, 0], [1, 1, 1]]))
     assert (winner.tolist(), loser.tolist(), p.tolist()) == ([1, 0, 0], [0, 1, 2], [1.0, 1.0, 0.5])
     assert dense_ranks(np.array([0.9, 0.2, 0.9])).tolist() == [0, 1, 0]
+    assert dense_ranks(np.array([nan, 0.5, 0.9])).tolist() == [2, 1, 0]  # a missing score ranks last
 
 
 def test_sampler_two_processes_cover_the_single_process_global_batch():

@@ -97,7 +97,7 @@ class LatentPairDataset(torch.utils.data.Dataset):
                for name in sorted(pc.unique(extra.keys).to_pylist())}
         self.extra_scores: dict[str, np.ndarray] = {name: v.astype(np.float32) for name, v in raw.items()}
         scores = fixed_lists(t.column("scores"), k, np.float64, np.nan)
-        if self.manifest["source"]["description"].get("kind") == "synthetic":  # φ from the raw scores, as data.phi_ties asks
+        if self.manifest["source"]["description"].get("kind") == "synthetic" and raw:  # φ from the raw scores, as data.phi_ties asks
             scores = phi(np.stack(list(raw.values())), ties=data_cfg.phi_ties)
         self._scores = scores.astype(np.float32)
         self._ranks = item_ranks(label, fixed_lists(t.column("ranks"), k, np.int64, -1), scores)

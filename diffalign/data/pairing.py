@@ -3,11 +3,12 @@
 Every item carries one preference signal (`diffalign.data.sources.base.SourceItem`): a `label` (K = 2,
 P(images[0] preferred), soft values allowed), `ranks` (0 = best) or `scores` (higher = better). From it:
 
-- ranks: the given ranks, else those of the label (images[0] first when label > ½, a tie at ½), else the
-  dense ranks of the scores;
+- ranks: those of the label (images[0] first when label > ½, a tie at ½), else the given ranks, else the
+  dense ranks of the scores (a missing score, NaN, ranks last);
 - the trained pair (winner slot, loser slot, P(winner preferred)): a labelled pair as labelled, the label
   kept soft (label 0.3 -> images[1] in the winner slot with 0.7); otherwise the best against the worst image
-  by rank (the first of equals, as a stable sort gives), P = 1, or ½ when they tie (every image equal).
+  by rank (a stable sort: the first of equally best images, the last of equally worst), P = 1, or ½ when they
+  tie (every image equal).
 
 The dataset applies `data.ties` and `data.min_score_gap` to this pair and hands it to the trainer, so the
 rule is written once. Everything is vectorised over items: (n,) labels, (n, K) ranks and scores.
@@ -21,6 +22,7 @@ import numpy as np
 def dense_ranks(scores: np.ndarray) -> np.ndarray:
     """Dense rank by descending score along the last axis: [0.9, 0.2, 0.9] -> [0, 1, 0]."""
     s = np.asarray(scores, dtype=np.float64)
+    s = np.where(np.isnan(s), -np.inf, s)  # a missing score ranks last
     above = s[..., None, :] > s[..., :, None]  # [..., i, j]: s_j > s_i
     seen_before = np.tril(s[..., None, :] == s[..., :, None], k=-1).any(-1)  # [..., j]: an earlier image has s_j
     return (above & ~seen_before[..., None, :]).sum(-1).astype(np.int64)
@@ -33,13 +35,13 @@ def label_ranks(label: np.ndarray) -> np.ndarray:
 
 
 def item_ranks(label: np.ndarray, ranks: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """(n, K) ranks from each item's signal: given ranks (rows without them hold -1), else the label's, else the scores'."""
+    """(n, K) ranks from each item's signal: the label's, else the given ranks (rows without them hold -1), else the scores'."""
     out = dense_ranks(scores)
+    given = ranks[:, 0] >= 0
+    out[given] = ranks[given]
     labelled = ~np.isnan(label)
     if labelled.any():
         out[labelled] = label_ranks(label[labelled])
-    given = ranks[:, 0] >= 0
-    out[given] = ranks[given]
     return out
 
 

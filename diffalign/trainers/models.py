@@ -2,8 +2,9 @@
 
 A method calls `models.policy(x_t, t, cond)` (with gradients) and `models.reference(x_t, t, cond)` (without:
 the same UNet with its LoRA adapters disabled, or the frozen copy made before training for a full fine-tune).
-Both take inputs on any device and in any dtype and run under the run's autocast, so a method never sees
-LoRA vs full fine-tuning, mixed precision or devices. `teacher` and `reward` are filled only when the method's
+Both take inputs on any device and in any dtype and run under the run's autocast, so a method's forwards never
+see LoRA vs full fine-tuning, mixed precision or devices (the batch's preference signals stay on the CPU: a method
+moves what it combines with the errors, e.g. `pair.label.to(errors.device)`). `teacher` and `reward` are filled only when the method's
 `Needs` ask for them (an EMA teacher for Self-NPO, scorers for the online methods); asking a view for one the
 loop did not build is an error that names the missing declaration.
 """

@@ -1,8 +1,10 @@
-"""The whole synthetic data step, `prepare_cache` (sample, score, φ, PNG, VAE-encode, write shards), with one prompt
-per pipeline call (as before the window) against the window of `prompts_per_call(K)` prompts (now).
+"""The whole synthetic data step, `prepare_cache` (sample, score, φ, PNG, VAE-encode, write shards), as it was before
+the method seam ("before": one prompt per pipeline call, and the toy checklist measuring each image once per question)
+against now (a window of `prompts_per_call(K)` prompts per call, each image measured once).
 
 Same model, prompts and seeds in one process; a warm-up of each, then 3 rounds interleaved (the order flips);
-ratio of medians. The one-prompt variant patches `diffalign.data.sources.synthetic.prompts_per_call` for the run.
+ratio of medians. "before" patches `diffalign.data.sources.synthetic.prompts_per_call` and the toy backend's
+`answer` back to what they did (`_answer_per_question` below is that code); both give the same scores.
 
     python benchmarks/synthetic_prepare.py            # 64 toy training captions x K = 4, builtin:toy, 20 steps, 2 threads
 """
@@ -19,6 +21,19 @@ from pathlib import Path
 import torch
 
 
+def _answer_per_question(self, images, prompts, questions):
+    """The toy checklist backend before the seam: `measure` once per question (9 times per image); same answers."""
+    from diffalign.toy import checklist as tc
+
+    tc.check_batch(images, prompts)
+    margins = [[tc.margin(q.key, tc.measure(arr), p) for q in questions] for arr, p in zip(tc.as_uint8_arrays(images), prompts)]
+    margins = torch.tensor(margins, dtype=torch.float64).reshape(len(margins), len(questions))
+    if not self.graded:
+        return (margins >= 0).float()
+    scale = torch.tensor([tc.MARGIN_SCALE[q.key] for q in questions], dtype=torch.float64)
+    return torch.sigmoid(margins / scale).float()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=64)
@@ -27,13 +42,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import diffalign.data.sources.synthetic as syn
+    from diffalign.toy.checklist import ToyMeasurementBackend
     from diffalign.config import validate_config
     from diffalign.data import prepare_cache
     from diffalign.models.loading import load_components
     from diffalign.toy.scenes import TRAIN
 
     torch.set_num_threads(args.threads)
-    window = syn.prompts_per_call
+    window, answer = syn.prompts_per_call, ToyMeasurementBackend.answer
     work = Path(tempfile.mkdtemp())
 
     def config():
@@ -46,6 +62,7 @@ def main(argv=None) -> None:
 
     def run(one_per_call: bool) -> float:
         syn.prompts_per_call = (lambda k: 1) if one_per_call else window
+        ToyMeasurementBackend.answer = _answer_per_question if one_per_call else answer
         shutil.rmtree(work / "cache", ignore_errors=True)
         started = time.perf_counter()
         prepare_cache(config(), components, progress=False)
@@ -59,8 +76,8 @@ def main(argv=None) -> None:
     shutil.rmtree(work, ignore_errors=True)
     images = args.prompts * 4
     before, now = statistics.median(times[True]), statistics.median(times[False])
-    print(f"prepare_cache, {args.prompts} prompts x K=4 = {images} images, {args.threads} threads: one prompt per call {before:.2f} s "
-          f"({before / images * 1000:.1f} ms/image), window of {window(4)} prompts {now:.2f} s ({now / images * 1000:.1f} ms/image): "
+    print(f"prepare_cache, {args.prompts} prompts x K=4 = {images} images, {args.threads} threads: before {before:.2f} s "
+          f"({before / images * 1000:.1f} ms/image), now (window of {window(4)} prompts) {now:.2f} s ({now / images * 1000:.1f} ms/image): "
           f"{before / now:.2f}x")
 
 

@@ -239,7 +239,8 @@ class ToyMeasurementBackend:
 
     def answer(self, images: Images, prompts: Sequence[str], questions: Sequence[Question]) -> torch.Tensor:
         check_batch(images, prompts)
-        margins = [[margin(q.key, measure(arr), p) for q in questions] for arr, p in zip(as_uint8_arrays(images), prompts)]
+        measured = [(measure(arr), p) for arr, p in zip(as_uint8_arrays(images), prompts)]  # once per image, not per question
+        margins = [[margin(q.key, m, p) for q in questions] for m, p in measured]
         margins = torch.tensor(margins, dtype=torch.float64).reshape(len(margins), len(questions))
         if not self.graded:
             return (margins >= 0).float()

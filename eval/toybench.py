@@ -164,13 +164,14 @@ def numerics() -> dict[str, str | int | None]:
     return {**versions, "cuda": cuda, "threads": torch.get_num_threads()}
 
 
-def run_key(cfg: Config, code: str) -> str:
-    """Key of a trained model: the resolved config minus its two paths, the data key, the source digest `code` and
-    `numerics()` (so a reused model is the one this machine would train, bit for bit)."""
+def run_key(cfg: Config, code: str, data: str | None = None) -> str:
+    """Key of a trained model: the resolved config minus its two paths, the data key (`data`, computed when not
+    given), the source digest `code` and `numerics()` (so a reused model is the one this machine would train, bit
+    for bit)."""
     dumped = cfg.model_dump(mode="json")
     dumped["train"].pop("output_dir", None)
     dumped["data"].pop("cache_dir", None)
-    return _digest({"config": dumped, "data": data_key(cfg), "code": code, "numerics": numerics()})
+    return _digest({"config": dumped, "data": data_key(cfg) if data is None else data, "code": code, "numerics": numerics()})
 
 
 def method_config(name: str, settings: BenchSettings, code: str | None = None) -> Config:
@@ -197,8 +198,9 @@ def method_config(name: str, settings: BenchSettings, code: str | None = None) -
     origin = f"{path} (bench toy)"
     cfg = validate_config(raw, origin=origin)
     root = resolve_cache_root(settings)
-    raw["data"]["cache_dir"] = str(root / "data" / data_key(cfg))
-    raw["train"]["output_dir"] = str(root / "runs" / run_key(cfg, source_digest() if code is None else code))
+    data = data_key(cfg)  # hashes the model and source weights: once per method config
+    raw["data"]["cache_dir"] = str(root / "data" / data)
+    raw["train"]["output_dir"] = str(root / "runs" / run_key(cfg, source_digest() if code is None else code, data))
     return validate_config(raw, origin=origin)
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
 from report import write_report
 
 REPO = Path(__file__).resolve().parents[1]

@@ -42,10 +42,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import diffalign.data.sources.synthetic as syn
-    from diffalign.toy.checklist import ToyMeasurementBackend
     from diffalign.config import validate_config
     from diffalign.data import prepare_cache
     from diffalign.models.loading import load_components
+    from diffalign.toy.checklist import ToyMeasurementBackend
     from diffalign.toy.scenes import TRAIN
 
     torch.set_num_threads(args.threads)

@@ -554,8 +554,9 @@ def child_main(args) -> None:
     """Inside a memory subprocess: build one variant from scratch, run a few steps, report the peaks."""
     device = torch.device(args.device)
     out = {}
-    import accelerate, diffusers, peft, transformers  # noqa: F401, E401  (the baseline imports what every variant imports)
-    import diffalign.data, diffalign.trainers.loop  # noqa: F401, E401
+    import accelerate  # noqa: F401, E401  (the baseline imports what every variant imports)
+
+    import diffalign.data  # noqa: F401, E401
     if args.child != "baseline":
         components = build_components(args.preset, args.resolution, args.seed, NEEDS[args.child])
         batches = reference_batches(args, components.tokenizers) if args.child == "reference" else None
@@ -733,7 +734,9 @@ def markdown(result: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("tiny", "small", "sdxl"), default="small", help="model size (sdxl: GPU only)")
-    p.add_argument("--finetune", choices=("full", "lora"), default="full", help="full: official method; lora: diffusers' LoRA script as the reference")
+    p.add_argument(
+        "--finetune", choices=("full", "lora"), default="full", help="full: official method; lora: diffusers' LoRA script as the reference"
+    )
     p.add_argument("--batch", type=int, default=2, help="pairs per step (each variant runs 2×batch images through the UNet)")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: tiny 32, small 128, sdxl 1024)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")

@@ -27,6 +27,9 @@ from diffalign.config import ConfigError
 DEFAULT_CONFIG = "toy/dpo"
 
 
+REST_HELP = f"YAML path or shipped recipe name (default {DEFAULT_CONFIG}), then dotted overrides"
+
+
 def _split(args: list[str]) -> tuple[str, list[str]]:
     if args and "=" not in args[0]:
         return args[0], args[1:]
@@ -35,19 +38,61 @@ def _split(args: list[str]) -> tuple[str, list[str]]:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from diffalign.config import load_config
-    from diffalign.trainers.loop import train
 
     path, overrides = _split(args.rest)
+    if args.dry_run:
+        from diffalign.trainers.dryrun import dry_run
+
+        print("\n".join(dry_run(path, overrides, micro_batches=args.dry_run_batches).lines()))
+        return
+    from diffalign.trainers.loop import train
+
     train(load_config(path, overrides))
 
 
-def _cmd_prepare(args: argparse.Namespace) -> None:
-    from diffalign.config import load_config
-    from diffalign.data import prepare_cache
+def _cmd_config_show(args: argparse.Namespace) -> None:
+    from diffalign.config.loading import show_config
 
     path, overrides = _split(args.rest)
-    out = prepare_cache(load_config(path, overrides))
-    print(f"cache ready: {out}")
+    print(show_config(path, overrides), end="")
+
+
+def _skip_reasons(skipped: list[dict], top: int = 5) -> str:
+    """'2 × truncated file; 1 × unknown format' for the most common reasons of a manifest's skipped items."""
+    from collections import Counter
+
+    counts = Counter(s["reason"] for s in skipped).most_common()
+    text = "; ".join(f"{n} × {reason}" for reason, n in counts[:top])
+    return text + (f"; {len(counts) - top} other reasons" if len(counts) > top else "")
+
+
+def _prepare_summary(root, manifest: dict, ties_policy: str, seconds: float | None) -> list[str]:
+    """What `diffalign prepare` left in the cache, from its manifest; `seconds` is None when it was already complete."""
+    c = manifest["counts"]
+    done = "already complete and matching the config: nothing to do" if seconds is None else f"built in {seconds:.1f}s"
+    ties = "training leaves them out" if ties_policy == "drop" else "trained with label 0.5"
+    return [f"cache ready: {root} ({done})",
+            f"  items: {c['items']} written ({c['images']} images, {c['k']} per item; {c['captions']} captions) from "
+            f"{c['source_items']} source items, in {c['shards']} shard(s)",
+            f"  skipped: {c['skipped']}" + (f" ({_skip_reasons(manifest['skipped'])}; every one in manifest.json)" if c["skipped"] else ""),
+            f"  ties: {c['ties']} item(s) labelled 0.5 (data.ties = {ties_policy}: {ties})"]
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    import time
+    from pathlib import Path
+
+    from diffalign.config import load_config
+    from diffalign.data import prepare_cache
+    from diffalign.data.manifest import MANIFEST, read_json
+
+    path, overrides = _split(args.rest)
+    cfg = load_config(path, overrides)
+    complete = (Path(cfg.data.cache_dir) / MANIFEST).is_file()
+    start = time.perf_counter()
+    out = prepare_cache(cfg)
+    seconds = None if complete else time.perf_counter() - start
+    print("\n".join(_prepare_summary(out, read_json(out / MANIFEST), cfg.data.ties, seconds)))
 
 
 def _cmd_configs(args: argparse.Namespace) -> None:
@@ -104,10 +149,35 @@ def _scorer_options(args: argparse.Namespace) -> dict[str, dict]:
     return options
 
 
-def _read_folder(folder, prompts):
-    """The folder's records; images the prompts do not cover are said (they are not scored)."""
-    from diffalign.eval.imagefolder import read_folder, unlisted
+def _scorer_names(args: argparse.Namespace) -> list[str]:
+    return [n for n in args.scorers.split(",") if n]
 
+
+def _sidecar_prompt(image) -> str:
+    sidecar = image.with_suffix(".txt")
+    return sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+
+
+def _promptless_records(folder) -> list:
+    """Every image of the folder, with its sidecar .txt prompt where there is one, else the empty prompt."""
+    from diffalign.eval.imagefolder import ImageRecord, image_files
+
+    return [ImageRecord(f, _sidecar_prompt(folder / f)) for f in image_files(folder)]
+
+
+def _read_folder(folder, prompts, need_prompts: bool = True):
+    """The folder's records; images the prompts do not cover are said (they are not scored). A folder without
+    images is an error; when no scorer reads the prompt, a folder without prompts is scored with empty ones."""
+    from pathlib import Path
+
+    from diffalign.data.errors import DataError
+    from diffalign.eval.imagefolder import IMAGE_SUFFIXES, METADATA, image_files, read_folder, unlisted
+
+    folder = Path(folder)
+    if folder.is_dir() and not image_files(folder):
+        raise DataError(f"{folder}: no images (looked for {', '.join(IMAGE_SUFFIXES)} files, subfolders included)")
+    if folder.is_dir() and not need_prompts and prompts is None and not (folder / METADATA).is_file():
+        return _promptless_records(folder)
     records = read_folder(folder, prompts)
     extra = unlisted(folder, records)
     if extra:
@@ -118,7 +188,7 @@ def _read_folder(folder, prompts):
 def _load_scorers(args: argparse.Namespace) -> dict:
     from diffalign.scorers.registry import ScorerConfigError, load_scorers
 
-    names = [n for n in args.scorers.split(",") if n]
+    names = _scorer_names(args)
     options = _scorer_options(args)
     stray = sorted(set(options) - set(names))
     if stray:
@@ -130,8 +200,9 @@ def _cmd_score(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from diffalign.eval.folderscore import score_records, summary_table
+    from diffalign.scorers.registry import uses_prompts
 
-    records = _read_folder(args.dir, args.prompts)
+    records = _read_folder(args.dir, args.prompts, uses_prompts(_scorer_names(args)))
     scorers = _load_scorers(args)
     result = score_records(args.dir, records, scorers, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
     paths = result.write(Path(args.out) if args.out else Path(args.dir) / "scores")
@@ -147,13 +218,16 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from diffalign.eval.compare import compare_scores, disagreement_grid, markdown_table
+    from diffalign.eval.compare import compare_scores, disagreement_grid, markdown_table, pair
     from diffalign.eval.folderscore import score_records
     from diffalign.io import atomic_write_text
+    from diffalign.scorers.registry import uses_prompts
 
     out = Path(args.out)
     folders = [Path(args.dir_a), Path(args.dir_b)]
-    records = [_read_folder(folders[0], args.prompts_a), _read_folder(folders[1], args.prompts_b)]
+    need_prompts = uses_prompts(_scorer_names(args))
+    records = [_read_folder(folders[0], args.prompts_a, need_prompts), _read_folder(folders[1], args.prompts_b, need_prompts)]
+    pair(*records)  # the folders must pair on (prompt, seed) before any scorer loads
     scorers = _load_scorers(args)
     results = [score_records(f, r, scorers, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
                for f, r in zip(folders, records)]
@@ -171,11 +245,16 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_scorers(args: argparse.Namespace) -> None:
+    import textwrap
+
     from diffalign.scorers.registry import REGISTRY
 
+    indent = " " * 15
     for name, entry in sorted(REGISTRY.items()):
         files = ", ".join(f"{k}={v}" for k, v in entry.weights.items()) or "no weights"
-        print(f"{name:14s} {entry.what}\n{'':14s} weights: {files}")
+        what = entry.what + ("" if entry.uses_prompt else "; the prompt is not used")
+        print(textwrap.fill(what, 110, initial_indent=f"{name:14s} ", subsequent_indent=indent))
+        print(f"{indent}weights: {files}")
 
 
 def _cmd_prompts(args: argparse.Namespace) -> None:
@@ -226,11 +305,32 @@ def _cmd_bench_hpsv2(args: argparse.Namespace) -> None:
         atomic_write_text(args.out, json.dumps(table, indent=2) + "\n")
 
 
+def _cmd_eval_ranking(args: argparse.Namespace) -> None:
+    import json
+
+    from diffalign.config import load_config
+    from diffalign.eval.ranking import evaluate_ranking, markdown_table
+    from diffalign.io import atomic_write_text
+
+    path, overrides = _split(args.rest)
+    for name in ("draws", "buckets", "bootstrap", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    result = evaluate_ranking(load_config(path, overrides), args.weights, device=args.device, progress=not args.no_progress,
+                              draws=args.draws, buckets=args.buckets, seed=args.seed, n_boot=args.bootstrap, batch_size=args.batch_size)
+    result.settings.update({"config": path, "overrides": overrides})
+    print(markdown_table(result), end="")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result.as_dict(), indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
 def _add_scorer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scorers", required=True, help="comma-separated registry names (diffalign scorers lists them)")
     p.add_argument("--scorer-option", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="a scorer option, e.g. pickscore.path=/models/PickScore_v1 or clipscore.convention=torchmetrics")
-    p.add_argument("--weights-dir", default=None, help="folder holding the official weight files under their release names (default $DIFFALIGN_WEIGHTS)")
+    p.add_argument("--weights-dir", default=None,
+                   help="folder holding the official weight files under their release names (default $DIFFALIGN_WEIGHTS)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--batch-size", type=int, default=32)
@@ -248,8 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("prepare", _cmd_prepare, "encode a preference source into the latent-pair cache"),
     ):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("rest", nargs="*", metavar="CONFIG [key=value ...]", help=f"YAML path or shipped recipe name (default {DEFAULT_CONFIG}), then dotted overrides")
+        p.add_argument("rest", nargs="*", metavar="CONFIG [key=value ...]", help=REST_HELP)
         p.set_defaults(fn=fn)
+        if name == "train":
+            p.add_argument("--dry-run", action="store_true", help="print the resolved config with each value's source, the "
+                           "effective batch and lr, the cache status, and time and memory per step measured on a few "
+                           "micro-batches; train nothing")
+            p.add_argument("--dry-run-batches", type=int, default=3, help="micro-batches timed by --dry-run (after one warm-up)")
+    config = sub.add_parser("config", help="inspect a config").add_subparsers(dest="config_command", required=True)
+    text = "print the resolved config, each value with where it came from (default, yaml, override)"
+    p = config.add_parser("show", help=text, description=text)
+    p.add_argument("rest", nargs="*", metavar="CONFIG [key=value ...]", help=REST_HELP)
+    p.set_defaults(fn=_cmd_config_show)
     p = sub.add_parser("configs", help="list the shipped recipes")
     p.set_defaults(fn=_cmd_configs)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
@@ -259,9 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/bench_toy/report.json", help="report JSON path (a .md table and a .png grid beside it)")
     p.add_argument("--workdir", default="outputs/bench_toy", help="where runs.json lists the run directories this report used")
     p.add_argument("--quick", action="store_true", help="a small configuration (minutes): checks the direction only")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every method's config; METHOD:KEY=VALUE for one method (e.g. dpo:method.beta=2000)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every method's config; METHOD:KEY=VALUE for one method (e.g. dpo:method.beta=2000)")
     p.add_argument("--eval-split", default="held_out", choices=("held_out", "train"), help="train: tune methods without looking at held-out captions")
-    p.add_argument("--cache-root", default=None, help="data and trained models reused across runs by content key (default $XDG_CACHE_HOME/diffalign/bench or ~/.cache/diffalign/bench)")
+    p.add_argument("--cache-root", default=None, help="data and trained models reused across runs by content key "
+                   "(default $XDG_CACHE_HOME/diffalign/bench or ~/.cache/diffalign/bench)")
     p.add_argument("--ledger", default=None, help="held-out runs append one JSON line here (default CACHE_ROOT/ledger.jsonl)")
     p.add_argument("--fresh", action="store_true", help="rebuild the data and retrain every method, replacing their cached entries")
     p.set_defaults(fn=_cmd_bench_toy)
@@ -309,6 +421,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="the local HPDv2 benchmark folder (hpdv2, drawbench)")
     p.add_argument("--out", default=None, help=".jsonl (prompt and its labels) or .txt (one prompt per line); default: print")
     p.set_defaults(fn=_cmd_prompts)
+    evaluate = sub.add_parser("eval", help="evaluation diagnostics").add_subparsers(dest="eval_command", required=True)
+    text = ("ranking and reward accuracy (Chen et al., NeurIPS 2024) of the base model or a trained output on the preference pairs "
+            "of a config's cache (built first if missing), overall and per timestep bucket, with 95%% pair-bootstrap intervals")
+    p = evaluate.add_parser("ranking", help=text, description=text)
+    p.add_argument("rest", nargs="*", metavar="CONFIG [key=value ...]", help=REST_HELP)
+    p.add_argument("--weights", default=None, help="a training run's final/ directory (LoRA or full UNet); default: the base model (θ = ref)")
+    p.add_argument("--draws", type=int, default=8, help="(t, ε) draws per pair, shared by its two images")
+    p.add_argument("--buckets", type=int, default=10, help="equal timestep buckets of [0, T)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws and of the bootstrap")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the pairs")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per forward (the numbers do not depend on it)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--out", default=None, help="JSON path for the result")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=_cmd_eval_ranking)
     toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     p = toy.add_parser("pretrain", help="train the toy pipeline from scratch on procedural scenes (CPU, ~40 min)")
     p.add_argument("--out", required=True, help="directory for the fp16 weights and pretrain.json")

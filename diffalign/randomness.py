@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-STREAMS = ("timestep", "noise", "latent", "caption_dropout")
+STREAMS = ("timestep", "noise", "latent", "caption_dropout", "flip")
 _MASK63 = (1 << 63) - 1
 
 

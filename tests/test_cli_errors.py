@@ -8,6 +8,8 @@ import pytest
 from conftest import tiny_config, write_config
 
 from diffalign.cli import main
+from diffalign.config.base import BUILTIN_MODELS, BUILTIN_TINY_SDXL
+from diffalign.models.tiny import tiny_sd15_pipeline
 
 
 def _run(capsys, *args):
@@ -65,3 +67,34 @@ def test_mismatched_cache_is_refused(capsys, cfg_path):
     capsys.readouterr()
     code, err = _run(capsys, "train", str(cfg_path), "data.resolution=16")
     assert code == 2 and "resolution" in err and "32" in err and "16" in err
+
+
+def _line_naming(err: str, key: str) -> str:
+    return next(line for line in err.splitlines() if key in line)
+
+
+@pytest.mark.parametrize("pretrained", BUILTIN_MODELS)
+def test_a_separate_vae_is_refused_with_a_builtin_model(capsys, cfg_path, tmp_path, pretrained):
+    """A builtin's UNet works in its own VAE's latent space: a separate VAE is refused, not silently ignored."""
+    vae = tmp_path / "no" / "such" / "vae"
+    code, err = _run(capsys, "prepare", str(cfg_path), f"model.pretrained={pretrained}", f"model.vae={vae}")
+    assert code == 2
+    line = _line_naming(err, "model.vae")
+    assert str(vae) in line and pretrained in line and "own VAE" in line
+
+
+def test_a_missing_vae_directory_of_a_local_model_names_model_vae(capsys, cfg_path, tmp_path):
+    tiny_sd15_pipeline().save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    vae = tmp_path / "no_such_vae"
+    code, err = _run(capsys, "prepare", str(cfg_path), f"model.pretrained={tmp_path / 'model'}", f"model.vae={vae}")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "model.vae" in err and str(vae) in err and "model.pretrained" not in err
+
+
+def test_a_mistyped_builtin_lists_the_builtin_models(capsys, cfg_path):
+    typo = BUILTIN_TINY_SDXL[:-1]
+    code, err = _run(capsys, "prepare", str(cfg_path), f"model.pretrained={typo}")
+    assert code == 2
+    line = _line_naming(err, "model.pretrained")
+    assert "unknown builtin" in line and typo in line and all(name in line for name in BUILTIN_MODELS)

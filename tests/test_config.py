@@ -177,19 +177,6 @@ def test_sd15_official_specifics():
     assert cfg.model.gradient_checkpointing is False
 
 
-def test_sdxl_official_specifics():
-    cfg = load_config("sdxl_dpo")
-    assert cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
-    assert cfg.model.vae == "madebyollin/sdxl-vae-fp16-fix"
-    assert cfg.model.vae_fp16_safe is True
-    assert cfg.data.resolution == 1024
-    assert cfg.optim.warmup_steps == 200  # launchers/sdxl.sh
-    assert cfg.train.checkpoint_every == 200  # launchers/sdxl.sh
-    assert cfg.data.caption_dropout == 0.0  # dropout was added for SD1.5
-    assert cfg.optim.optimizer == "adafactor"  # forced for SDXL in train.py
-    assert cfg.model.gradient_checkpointing is True  # forced for SDXL in train.py
-
-
 def test_official_per_image_behaviour_is_one_override_away():
     cfg = load_config("sdxl_dpo", ["data.pairing=per_image", "data.time_ids=fixed"])
     assert cfg.data.pairing == "per_image" and cfg.data.time_ids == "fixed"

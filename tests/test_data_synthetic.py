@@ -152,7 +152,8 @@ def test_min_score_gap_drops_items_whose_pair_barely_differs(built):
 def test_min_score_gap_needs_scores(tmp_path):
     from diffalign.data.errors import DataError
 
-    cfg = validate_config({"data": {"source": {"kind": "demo"}, "cache_dir": str(tmp_path / "cache"), "resolution": RES}, "model": {"pretrained": "builtin:tiny-sdxl"}})
+    data = {"source": {"kind": "demo"}, "cache_dir": str(tmp_path / "cache"), "resolution": RES}
+    cfg = validate_config({"data": data, "model": {"pretrained": "builtin:tiny-sdxl"}})
     prepare_cache(cfg, progress=False)
     with pytest.raises(DataError, match="min_score_gap: item 0 .* no scores"):
         LatentPairDataset(cfg.data.cache_dir, cfg.data.model_copy(update={"min_score_gap": 0.1}))

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# source folder -> its package folder in an install (pyproject's `[tool.setuptools] package-dir`)
+INSTALLED_AS = {"diffalign": Path("diffalign"), "pipelines": Path("diffalign/pipelines"), "eval": Path("diffalign/eval"),
+                "configs": Path("diffalign/configs")}
 PROBE = """
 import site, sys
 site.addsitedir(sys.argv[1])
@@ -26,11 +29,21 @@ print(",".join(str(f.is_file()) for f in data))
 """
 
 
+def _source_files(src: Path) -> list[Path]:
+    """Every .py and .yaml under the package folders, relative to the project root."""
+    return sorted(f.relative_to(src) for folder in INSTALLED_AS for f in (src / folder).rglob("*")
+                  if f.suffix in (".py", ".yaml") and "__pycache__" not in f.parts)
+
+
+def _installed_path(source_file: Path) -> Path:
+    return INSTALLED_AS[source_file.parts[0]] / Path(*source_file.parts[1:])
+
+
 def _copy_project(dst: Path) -> Path:
     dst.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, dst / name)
-    for name in ("diffalign", "pipelines", "eval", "configs"):
+    for name in INSTALLED_AS:
         shutil.copytree(REPO / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
     return dst
 
@@ -38,7 +51,8 @@ def _copy_project(dst: Path) -> Path:
 def _install_and_probe(tmp_path: Path, editable: bool) -> list[str]:
     src = _copy_project(tmp_path / "src")
     target = tmp_path / "site"
-    args = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "--ignore-installed"]  # never touch the running install
+    # never touch the running install
+    args = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "--ignore-installed"]
     if editable:
         args += ["-e", str(src), "--prefix", str(tmp_path / "prefix")]
     else:
@@ -60,7 +74,8 @@ def test_namespace_mapping_installs(tmp_path, editable):
     want_eval = home / ("eval" if editable else "diffalign/eval") / "__init__.py"
     assert Path(pipelines) == want_pipelines and Path(evaluation) == want_eval
     assert {"sd15_dpo.yaml", "sdxl_dpo.yaml", "sdxl_dpo_lora.yaml", "tiny_sdxl_dpo.yaml"} <= set(configs.split(","))
-    if not editable:  # every package of the source tree made it into the wheel (pyproject lists them by hand)
-        for init in (REPO / "diffalign").rglob("__init__.py"):
-            if "__pycache__" not in init.parts:
-                assert (home / init.relative_to(REPO)).is_file(), f"{init.relative_to(REPO)} missing from the install"
+    if not editable:  # every module and recipe of the source tree made it into the wheel (pyproject lists packages by hand)
+        files = _source_files(tmp_path / "src")
+        assert {f.parts[0] for f in files} == set(INSTALLED_AS)
+        missing = [str(f) for f in files if not (home / _installed_path(f)).is_file()]
+        assert not missing, f"in the source tree but not in the wheel: {', '.join(missing)}"

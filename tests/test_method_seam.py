@@ -128,10 +128,10 @@ def test_an_item_labelled_0_7_trains_with_exactly_the_soft_dpo_loss(folder_cache
         return ((fn(x_t, batch.prompt_embeds) - batch.noise) ** 2).mean(dim=(1, 2, 3))
 
     policy = lambda x, p: models.w * x + 0.01 * p.mean()  # noqa: E731
-    w, l = batch.pair().winner, batch.pair().loser
+    w, lose = batch.pair().winner, batch.pair().loser
     assert w.tolist() == [0, 1]  # label 0.3 puts images[1] in the winner slot with P = 0.7
-    m_w, m_l = errors(w, policy), errors(l, policy)
-    r_w, r_l = errors(w, lambda x, p: 0.5 * x), errors(l, lambda x, p: 0.5 * x)
+    m_w, m_l = errors(w, policy), errors(lose, policy)
+    r_w, r_l = errors(w, lambda x, p: 0.5 * x), errors(lose, lambda x, p: 0.5 * x)
     z = -0.5 * 5000.0 * ((m_w - m_l) - (r_w - r_l))
     expected = -(0.7 * F.logsigmoid(z) + 0.3 * F.logsigmoid(-z)).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffalign.config import ModelConfig
+from diffalign.config import BUILTIN_TINY_SDXL, BUILTIN_TOY, ModelConfig
+from diffalign.config.base import BUILTIN_MODELS
 from diffalign.models.loading import ModelLoadError, encode_prompts, load_components, vae_encode_dtype
 from diffalign.models.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
@@ -74,8 +75,9 @@ def test_offline_hub_id_not_in_cache_is_a_clear_error(monkeypatch, tmp_path):
 def test_vae_encodes_fp32_unless_a_configured_fp16_safe_vae_is_given():
     assert vae_encode_dtype(ModelConfig(), "fp16") == torch.float32
     assert vae_encode_dtype(ModelConfig(vae_fp16_safe=True), "fp16") == torch.float32  # no separate VAE named
-    assert vae_encode_dtype(ModelConfig(vae="madebyollin/sdxl-vae-fp16-fix", vae_fp16_safe=True), "fp16") == torch.float16
-    assert vae_encode_dtype(ModelConfig(vae="madebyollin/sdxl-vae-fp16-fix", vae_fp16_safe=True), "no") == torch.float32
+    fixed = ModelConfig(pretrained="stabilityai/stable-diffusion-xl-base-1.0", vae="madebyollin/sdxl-vae-fp16-fix", vae_fp16_safe=True)
+    assert vae_encode_dtype(fixed, "fp16") == torch.float16
+    assert vae_encode_dtype(fixed, "no") == torch.float32
 
 
 def test_tokenizer_has_the_real_clip_vocabulary():
@@ -92,3 +94,56 @@ def test_tokenizer_has_the_real_clip_vocabulary():
         n = a.index(49407) + 1
         assert a[:n] == b[:n]
     assert tok.decode(ours[0], skip_special_tokens=True).strip() == text[0]
+
+
+def test_the_loader_refuses_what_the_config_would_have_refused(tmp_path):
+    """A config changed after validation (assignment validates only the assigned field) still gets the builtin checks."""
+    cfg = ModelConfig(pretrained=str(tmp_path / "model"), vae=str(tmp_path / "vae"))
+    cfg.pretrained = BUILTIN_TINY_SDXL
+    with pytest.raises(ModelLoadError, match=rf"model.vae: {BUILTIN_TINY_SDXL} uses its own VAE.*{tmp_path / 'vae'}"):
+        load_components(cfg)
+    typo = ModelConfig.model_construct(pretrained=BUILTIN_TINY_SDXL + "x")
+    with pytest.raises(ModelLoadError, match=rf"model.pretrained: unknown builtin model; the builtin models are {', '.join(BUILTIN_MODELS)}"):
+        load_components(typo)
+
+
+def test_loading_a_builtin_model_writes_no_library_noise(capfd):
+    """transformers draws a "Loading weights" bar per text encoder of the toy model; none reaches the console."""
+    capfd.readouterr()
+    load_components(ModelConfig(pretrained=BUILTIN_TOY))
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err, err
+
+
+def test_quiet_loading_drops_only_the_noise_and_restores_the_libraries_state():
+    import logging
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from diffalign.models.quiet import CAST_LOGGER, quiet_loading
+    from diffalign.models.tiny import tiny_vae
+
+    bars = (transformers_logging.is_progress_bar_enabled(), diffusers_logging.is_progress_bar_enabled())
+    logger, seen = logging.getLogger(CAST_LOGGER), []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    filters = list(logger.filters)
+    real = "There are modules in X that should be kept in float32: ['norm']. Casting directly with `to()` ..."
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with quiet_loading():
+                assert not transformers_logging.is_progress_bar_enabled() and not diffusers_logging.is_progress_bar_enabled()
+                tiny_vae().to(dtype=torch.float32)  # diffusers warns "...kept in float32: []" on any dtype cast
+                logger.warning(real)
+                logger.error("a genuine error")
+                warnings.warn("a genuine warning")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == [real, "a genuine error"]
+    assert [str(w.message) for w in caught] == ["a genuine warning"]
+    assert (transformers_logging.is_progress_bar_enabled(), diffusers_logging.is_progress_bar_enabled()) == bars
+    assert logger.filters == filters

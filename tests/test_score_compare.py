@@ -11,10 +11,9 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import run_cli, shuffle_folder
-from tiny_scorers import PROMPTS, images, write_clip_folder
+from PIL import Image
+from tiny_scorers import PROMPTS, images, write_aesthetic_mlp, write_clip_folder
 
 from diffalign.data.errors import DataError
 from diffalign.eval.imagefolder import read_folder, write_folder
@@ -178,3 +177,68 @@ def test_an_image_a_scorer_refuses_is_skipped_and_the_batch_kept(tmp_path):
     result = score_records(folder, recs, {"w": WidthLimited()}, batch_size=4, workers=1, progress=False)
     assert [r.file for r in result.records] == [recs[i].file for i in (0, 1, 3)]
     assert result.skipped == [(recs[2].file, "64 px is too wide")] and result.scores["w"].tolist() == [32.0, 32.0, 32.0]
+
+
+def test_score_on_a_folder_without_images_says_so(tmp_path, capsys):
+    from diffalign.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image\n")
+    assert main(["score", str(tmp_path / "empty"), "--scorers", "toy-checklist"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffalign score: error: ") and "no images" in err and "no prompts" not in err, err
+
+
+def test_a_scorer_that_ignores_prompts_scores_a_folder_without_them(tmp_path, capsys):
+    from diffalign.cli import main
+    from diffalign.scorers.aesthetic import AestheticScorer
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    ims = images()
+    for i, im in enumerate(ims):
+        im.save(folder / f"img{i}.png")
+    (folder / "img1.txt").write_text("a sidecar prompt\n")  # used where there is one
+    clip, mlp = write_clip_folder(tmp_path / "clip"), write_aesthetic_mlp(tmp_path / "mlp.pth")
+    options = ["--scorer-option", f"aesthetic.path={mlp}", "--scorer-option", f"aesthetic.clip={clip}", "--no-progress", "--workers", "1"]
+    assert main(["score", str(folder), "--scorers", "aesthetic", *options]) == 0, capsys.readouterr().err
+    rows = list(csv.DictReader(open(folder / "scores.csv")))
+    assert [r["file"] for r in rows] == [f"img{i}.png" for i in range(len(ims))]
+    assert [r["prompt"] for r in rows] == ["", "a sidecar prompt"] + [""] * (len(ims) - 2)
+    expected = AestheticScorer(mlp, clip=clip).score([Image.open(folder / r["file"]) for r in rows], [""] * len(rows))["overall"]
+    np.testing.assert_allclose([float(r["aesthetic"]) for r in rows], expected.numpy(), atol=1e-5)
+    capsys.readouterr()
+    assert main(["score", str(folder), "--scorers", "aesthetic,toy-checklist", *options]) == 2  # one scorer reads prompts
+    assert f"no prompts for {len(ims) - 1} image(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem,message", [("no shared prompt", "shares a prompt and seed"), ("duplicate pair", "pairs must be unique")])
+def test_compare_checks_the_pairing_before_any_scorer_loads(tmp_path, capsys, monkeypatch, problem, message):
+    import diffalign.scorers.registry as registry
+    from diffalign.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    recs = toy_folder(a, n=4)
+    blank = [Image.new("RGB", (8, 8))] * 2
+    if problem == "no shared prompt":
+        write_folder(b, blank, ["another prompt", "yet another"], [0, 1])
+    else:
+        write_folder(b, blank, [recs[0].prompt] * 2, [recs[0].seed] * 2)
+    loaded = []
+    monkeypatch.setattr(registry, "load_scorers", lambda *args, **kw: loaded.append(args) or {})
+    code = main(["compare", str(a), str(b), "--scorers", "toy-checklist", "--out", str(tmp_path / "cmp"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert loaded == [] and not (tmp_path / "cmp").exists()
+
+
+def test_the_scorers_listing_says_which_ignore_the_prompt_and_how_hps_resizes(capsys):
+    from diffalign.cli import main
+    from diffalign.scorers.registry import REGISTRY
+
+    assert main(["scorers"]) == 0
+    listing = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for name in ("hpsv2", "hpsv21"):
+        assert f"--scorer-option {name}.antialias=true matches a fresh official install" in listing
+    assert [n for n, e in REGISTRY.items() if not e.uses_prompt] == ["aesthetic"]
+    assert listing.count("the prompt is not used") == 1

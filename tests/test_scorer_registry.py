@@ -4,9 +4,8 @@ release names (tiny random versions here), and scores like the class built from 
 from __future__ import annotations
 
 import pytest
-import torch
-
 import tiny_scorers as tiny
+import torch
 
 from diffalign.scorers import available, load_scorer
 from diffalign.scorers.registry import REGISTRY

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny_scorers import PROMPTS, check_tensor_path, images, openai_clip_transform, write_clip_folder
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from tiny_scorers import PROMPTS, TINY_OPEN_CLIP, images, openai_clip_transform, write_aesthetic_mlp, write_clip_folder, write_hps_checkpoint
 
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)

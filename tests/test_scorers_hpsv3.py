@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 from PIL import Image
-
 from tiny_scorers import PROMPTS, check_tensor_path, images, write_tiny_hpsv3, write_tiny_qwen2vl
 
 REWARD = "<|Reward|>"

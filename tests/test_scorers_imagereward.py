@@ -11,7 +11,6 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tiny_scorers import BERT_SPLIT_WORDS, PROMPTS, check_tensor_path, images, write_imagereward_checkpoint
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # ImageReward.py

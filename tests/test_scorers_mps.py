@@ -9,9 +9,17 @@ import sys
 
 import pytest
 import torch
-
-from tiny_scorers import (MPS_TINY_CROSS, PROMPTS, check_tensor_path, images, official_mps, official_mps_importable, write_mps_clip_folder,
-                          write_mps_pickle, write_mps_state_dict)
+from tiny_scorers import (
+    MPS_TINY_CROSS,
+    PROMPTS,
+    check_tensor_path,
+    images,
+    official_mps,
+    official_mps_importable,
+    write_mps_clip_folder,
+    write_mps_pickle,
+    write_mps_state_dict,
+)
 
 THRESHOLDS = (0.3, 0.01, 0.8)  # the eval scripts', training's, and one that masks most tokens
 

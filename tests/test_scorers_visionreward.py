@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_scorers import PROMPTS, images, write_tiny_qwen2vl
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "visionreward"

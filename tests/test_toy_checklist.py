@@ -157,8 +157,12 @@ def test_checklist_gates_zero_a_question_whose_gate_is_no():
         def answer(self, images, prompts, questions):
             return torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 1.0]])
 
-    cl = Checklist("gated", (Question("body", "Is there a body?", "content", 0.0), Question("hands", "Are the hands right?", "quality", 2.0, gate="body"),
-                            Question("sharp", "Is it sharp?", "quality", 1.0)), intercept=0.5)
+    questions = (
+        Question("body", "Is there a body?", "content", 0.0),
+        Question("hands", "Are the hands right?", "quality", 2.0, gate="body"),
+        Question("sharp", "Is it sharp?", "quality", 1.0),
+    )
+    cl = Checklist("gated", questions, intercept=0.5)
     out = ChecklistScorer("gated", cl, Fixed()).score([None, None], ["x", "y"])
     # image 0: no body -> hands gated to 0; 1·(+1) + .5 = 1.5. Image 1: body -> hands answered no: 2·(-1) + 1 + .5 = -0.5
     assert out["overall"].tolist() == [1.5, -0.5]

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import shuffle_folder
 
 from diffalign.eval.toybench import QUICK, BenchSettings, markdown_table, method_config, run_toy_bench

@@ -153,3 +153,58 @@ def dump_config(cfg: Config) -> str:
     """The resolved config as YAML; headed by the β convention when the method uses it."""
     header = "# Resolved diffalign config." + (f" {BETA_CONVENTION}" if uses_beta(cfg.method) else "") + "\n"
     return header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def value_sources(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, str]:
+    """Where each resolved value of `load_config(path, overrides)` came from: 'override', 'yaml' or 'default'.
+
+    Keys are dotted leaf paths of the resolved config (lists are leaves). An override or YAML entry that sets a whole
+    section marks every value under it.
+    """
+    cfg = load_config(path, overrides)
+    from_yaml = _leaf_keys(read_yaml(path)) if path is not None else set()
+    from_override = {".".join(parse_override(text)[0]) for text in overrides or []}
+
+    def source(key: str) -> str:
+        def under(keys: set[str]) -> bool:
+            return any(key == k or key.startswith(k + ".") for k in keys)
+
+        return "override" if under(from_override) else "yaml" if under(from_yaml) else "default"
+
+    return {key: source(key) for key in _leaf_keys(cfg.model_dump(mode="json"))}
+
+
+def _leaf_keys(node: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in node.items():
+        if isinstance(v, dict) and v:
+            keys |= _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            keys.add(f"{prefix}{k}")
+    return keys
+
+
+def show_config(path: str | Path | None = None, overrides: list[str] | None = None) -> str:
+    """The resolved config, one `key: value  # source` line per value, in schema order."""
+    cfg = load_config(path, overrides)
+    sources = value_sources(path, overrides)
+    lines: list[str] = []
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                walk(v, key + ".")
+            else:
+                lines.append((key, json_value(v), sources[key]))
+
+    walk(cfg.model_dump(mode="json"), "")
+    width = min(max(len(k) + len(v) for k, v, _ in lines) + 3, 72)
+    where = shipped_config_path(str(path)) or path if path is not None else "none"
+    head = f"# resolved config · yaml: {where} · overrides: {' '.join(overrides or []) or 'none'}\n"
+    return head + "\n".join(f"{k}: {v}".ljust(width) + f"  # {s}" for k, v, s in lines) + "\n"
+
+
+def json_value(value: Any) -> str:
+    """A value as it would be written in an override (YAML flow style, one line)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from diffalign.config.base import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, BUILTIN_TOY, Section
+from diffalign.config.base import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, BUILTIN_TOY, Section, check_builtin, check_separate_vae
 
 
 class LoraConfig(Section):
@@ -40,19 +40,38 @@ class ModelConfig(Section):
     vae: str | None = Field(
         None,
         description="Optional separate VAE (directory or hub id), e.g. madebyollin/sdxl-vae-fp16-fix. "
-        "The VAE encodes in fp32 unless `vae_fp16_safe` is true.",
+        "The VAE encodes in fp32 unless `vae_fp16_safe` is true. Refused with a builtin model, which uses its own VAE.",
     )
     vae_fp16_safe: bool = Field(False, description="The configured VAE does not overflow in fp16, so it may encode in half precision.")
+    init_from: str | None = Field(
+        None,
+        description="Start from a previous output instead of the plain `pretrained` UNet: a run's `final/` directory (a LoRA "
+        "`pytorch_lora_weights.safetensors`, merged into the base, or a full `unet/`), a diffusers UNet directory, or a LoRA "
+        "safetensors file. It becomes both the policy's start and the reference (the official InPO and SmPO SD1.5 recipes "
+        "start from an SFT'd UNet; Diffusion-NPO from a preference-tuned one).",
+    )
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="UNet target; 'auto' reads the scheduler config of `pretrained`."
     )
-    finetune: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters (reference = adapters disabled) or the full UNet (reference = frozen copy).")
+    finetune: Literal["lora", "full"] = Field(
+        "lora", description="Train LoRA adapters (reference = adapters disabled) or the full UNet (reference = frozen copy)."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (used when finetune = lora).")
     reference_offload: bool = Field(
         False, description="Full fine-tune only: keep the frozen reference UNet on the CPU and stream it to the device per forward."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in the backward pass to save memory.")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernel: PyTorch SDPA, or xformers when installed.")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _known_builtin(cls, v: str) -> str:
+        return check_builtin(v)
+
+    @field_validator("vae")
+    @classmethod
+    def _no_vae_for_builtins(cls, v: str | None, info) -> str | None:
+        return check_separate_vae(info.data.get("pretrained", ""), v)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -90,11 +109,17 @@ class SyntheticSource(Section):
         description="Source type tag: sample K images per prompt from a model, score them with reward models and use the "
         "average pairwise win-rate φ over all scorers as the per-image preference score (RankDPO's Syn-Pic recipe).",
     )
+    evaluation_only: bool = Field(
+        False,
+        description="Build an evaluation-only cache (e.g. for `diffalign eval ranking`): held-out prompt sets and captions "
+        "('toy-held-out') are allowed, the cache's manifest says \"evaluation_only\": true (part of its identity), and "
+        "training refuses the cache. Default false: held-out captions are refused.",
+    )
     prompts: Union[list[str], str] = Field(
         ...,
         description="The prompts: a list of captions, or the name of a built-in prompt set ('toy-train': the toy world's "
         "training captions). Evaluation-only prompt sets and captions ('toy-held-out') are refused (captions when the "
-        "source is opened).",
+        "source is opened) unless `evaluation_only` is true.",
     )
     num_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts (null = all).")
     images_per_prompt: int = Field(4, ge=2, description="K: images generated per prompt (Syn-Pic: 4).")
@@ -124,16 +149,22 @@ class SyntheticSource(Section):
         "`model.pretrained` with its revision, variant and VAE (the on-policy case).",
     )
 
+    @field_validator("model")
+    @classmethod
+    def _known_builtin(cls, v: str | None) -> str | None:
+        return v if v is None else check_builtin(v)
+
     @field_validator("prompts")
     @classmethod
-    def _check_prompts(cls, v: list[str] | str) -> list[str] | str:
+    def _check_prompts(cls, v: list[str] | str, info) -> list[str] | str:
         if isinstance(v, str):
-            if v in EVAL_ONLY_PROMPT_SETS:
+            if v in EVAL_ONLY_PROMPT_SETS and not info.data.get("evaluation_only"):
                 raise ValueError(
                     f"prompt set {v!r} is {EVAL_ONLY_PROMPT_SETS[v]}: held-out captions are for evaluation only and may never "
-                    f"become preference data; use one of: {', '.join(PROMPT_SETS)}"
+                    f"become preference data; use one of: {', '.join(PROMPT_SETS)} (or set data.source.evaluation_only = true "
+                    "for a cache that only evaluation may read)"
                 )
-            if v not in PROMPT_SETS:
+            if v not in PROMPT_SETS and v not in EVAL_ONLY_PROMPT_SETS:
                 raise ValueError(f"unknown prompt set {v!r}; built-in sets: {', '.join(PROMPT_SETS)} (or give a list of captions)")
         elif not v:
             raise ValueError("needs at least one prompt")
@@ -159,11 +190,31 @@ SourceConfig = Annotated[Union[SOURCE_CONFIGS], Field(discriminator="kind")]
 
 
 class DataConfig(Section):
-    source: SourceConfig = Field(default_factory=DemoSource, description="Where the preference data comes from (`kind`: pickapic, folder, demo, synthetic).")
+    source: SourceConfig = Field(
+        default_factory=DemoSource, description="Where the preference data comes from (`kind`: pickapic, folder, demo, synthetic)."
+    )
     cache_dir: str = Field("outputs/cache", description="Latent-pair cache directory written by `diffalign prepare` and read by training.")
     resolution: int = Field(64, ge=8, description="Training resolution (square): images are resized so the short side matches, then cropped.")
     crop: Literal["center", "random"] = Field("center", description="Crop policy at cache time (official: center).")
-    random_flip: bool = Field(True, description="Horizontal flip with probability 1/2, decided at cache time (official: on).")
+    resize: Literal["bicubic", "official"] = Field(
+        "bicubic",
+        description="How images are scaled so the short side equals `resolution`: 'bicubic' = PIL bicubic (antialiased), long side "
+        "rounded (diffalign default); 'official' = torchvision `Resize(resolution, interpolation=BILINEAR)` on the PIL image as the "
+        "official Diffusion-DPO and diffusers scripts do: PIL bilinear (antialiased), long side truncated (int(long · resolution / "
+        "short)). Part of the cache identity.",
+    )
+    random_flip: bool = Field(
+        True, description="Horizontal flip with probability 1/2 (official: on); when it is decided is `flip_at`."
+    )
+    flip_at: Literal["cache", "train"] = Field(
+        "cache",
+        description="When a random flip is decided. 'cache' (default): once per image at cache time, so each image is trained in one "
+        "fixed orientation for the whole run (over several epochs, half the flip augmentation of the official per-access flip). "
+        "'train': per access, as the official code: the cache holds the VAE posterior of both orientations of every image (the "
+        "mirror of the cropped image; 2x VAE encoding time and 2x latent storage when preparing) and each training step draws "
+        "the orientation (shared by an item's images under pairing 'shared', per image under 'per_image'); SDXL time ids stay "
+        "those of the crop. Needs random_flip: true. Part of the cache identity.",
+    )
     pairing: Literal["shared", "per_image"] = Field(
         "shared",
         description="'shared': all images of an item get the same crop and flip (diffalign default). "
@@ -194,13 +245,23 @@ class DataConfig(Section):
         "score: the mean over the item's scorers (synthetic source) or its `scores`. 0 keeps every item; items without scores are "
         "an error when > 0.",
     )
-    caption_dropout: float = Field(0.0, ge=0, le=1, description="Probability an item's caption is replaced by the empty caption (shared by all its images).")
+    caption_dropout: float = Field(
+        0.0, ge=0, le=1, description="Probability an item's caption is replaced by the empty caption (shared by all its images)."
+    )
     corrupt_images: Literal["skip", "error"] = Field("skip", description="An undecodable image: skip its item (counted in the manifest) or fail.")
-    latent_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Storage dtype of cached posterior mean/log-variance and text embeddings.")
+    latent_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Storage dtype of cached posterior mean/log-variance and text embeddings."
+    )
     shard_size: int = Field(256, ge=1, description="Items per cache shard (the unit of atomic, resumable writing).")
     encode_batch_size: int = Field(8, ge=1, description="Images per VAE forward while preparing.")
     decode_workers: int = Field(2, ge=1, description="Threads decoding images while preparing.")
     max_items: int | None = Field(None, ge=1, description="Use only the first N source items (quick experiments).")
+
+    @model_validator(mode="after")
+    def _check_flip_at(self):
+        if self.flip_at == "train" and not self.random_flip:
+            raise ValueError("flip_at = 'train' needs random_flip: true (without random flips there is no orientation to draw)")
+        return self
 
 
 # -------------------------------------------------------------------------------------------- method
@@ -260,6 +321,13 @@ class TrainConfig(Section):
     resume: str | None = Field(None, description="'latest' = newest committed checkpoint in output_dir (fresh start if none), or a checkpoint path.")
     ema: EMAConfig = Field(default_factory=EMAConfig, description="Exponential moving average of the trained weights.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    nonfinite: Literal["skip", "stop"] = Field(
+        "skip",
+        description="A non-finite loss or gradient norm: 'skip' the whole optimizer step (no update, the LR schedule and EMA do "
+        "not advance, the step's data is still consumed; logged as `skipped` and counted) and stop only after "
+        "`max_skips_in_a_row` skipped steps in a row; or 'stop' at once. Either way the stop message names the step and items.",
+    )
+    max_skips_in_a_row: int = Field(5, ge=1, description="With nonfinite = skip: stop after this many consecutive skipped steps.")
 
 
 class LogConfig(Section):
@@ -270,7 +338,10 @@ class LogConfig(Section):
 
 
 class EvalConfig(Section):
-    validation_every: int = Field(0, ge=0, description="Render a validation grid every N optimizer steps (0 = off); with and without the adapter for LoRA.")
+    validation_every: int = Field(
+        0, ge=0, description="Render a validation grid (and score it with `scorers`) every N optimizer steps (0 = off); with and "
+        "without the adapter for LoRA."
+    )
     prompts: list[str] = Field(
         default_factory=lambda: ["a red circle on a white background", "a blue square on a black background"],
         description="Validation prompts.",
@@ -278,6 +349,37 @@ class EvalConfig(Section):
     num_inference_steps: int = Field(10, ge=1, description="Sampling steps for validation images.")
     guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale for validation images.")
     seed: int = Field(0, description="Sampling seed for validation images (the same for every grid).")
+    seeds_per_prompt: int = Field(
+        1, ge=1, description="Validation images per prompt, from seeds `seed`, `seed` + 1, ...: scores average over all of them; "
+        "the grid shows the first seed's."
+    )
+    scorers: list[str] = Field(
+        default_factory=list,
+        description="Reward models by registry name (`diffalign.scorers.available()`; unknown names are refused at setup) that "
+        "score the validation images: the mean 'overall' score over prompts and seeds is logged as `val/<scorer>` beside the "
+        "training curves, and for LoRA `val/<scorer>_base` for the base model (scored once: it never changes). Best: a scorer "
+        "not used to build the training preferences (data.source.scorers): one that was measures reward hacking, not "
+        "preference (setup warns). Loaded once, at the first validation, on the training device.",
+    )
+    scorer_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Options per validation scorer, e.g. {pickscore: {path: /models/PickScore_v1}}; weight files left out are "
+        "looked up in $DIFFALIGN_WEIGHTS under their release names (docs/scorers.md).",
+    )
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each scorer may be listed once")
+        return v
+
+    @model_validator(mode="after")
+    def _check_scorer_options(self):
+        stray = sorted(set(self.scorer_options) - set(self.scorers))
+        if stray:
+            raise ValueError(f"scorer_options for {', '.join(map(repr, stray))}, which `scorers` does not list ({', '.join(self.scorers)})")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- root

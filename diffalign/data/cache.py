@@ -3,7 +3,9 @@
 Layout of ``data.cache_dir``::
 
     build.json                 identity of the build, written first; a resume must match it
-    shards/NNNNN.safetensors   VAE posterior mean/logvar (unscaled) + text embeddings of new captions
+    shards/NNNNN.safetensors   VAE posterior mean/logvar (unscaled) + text embeddings of new captions;
+                               with data.flip_at = 'train' also mean_mirrored/logvar_mirrored: the posterior of
+                               each image's mirror, on the same rows (2x VAE encoding and latent storage)
     shards/NNNNN.parquet       index rows of the shard's items; written last = the shard's commit
     text_empty.safetensors     the "" caption's prompt_embeds (L, D) [+ pooled (D2,)], for caption dropout
     manifest.json              written last, atomically: the cache is complete (`diffalign.data.manifest`)
@@ -36,6 +38,7 @@ from diffalign.data.sources import SourceItem, open_source
 from diffalign.io import atomic_write_text, save_safetensors
 from diffalign.models.devices import on_device
 from diffalign.models.loading import Components, encode_images, encode_prompts, load_components, sdxl_time_ids, vae_encode_dtype
+from diffalign.models.quiet import quiet_loading
 
 MAX_SKIP_WARNINGS = 20
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -64,6 +67,7 @@ class _Builder:
         self.res = cfg.data.resolution
         self.start = committed_shards(root)
         discard_uncommitted(root, self.start)
+        self.orientations = ("", "_mirrored") if cfg.data.flip_at == "train" else ("",)  # suffixes of the posterior tensors
         self.captions: dict[str, tuple[int, int]] = {}
         self.k: int | None = None
         self.skips = 0
@@ -78,7 +82,7 @@ class _Builder:
         d = self.cfg.data
         try:
             return prepare_images(pair[1].images, pair[1].source_id, resolution=d.resolution, crop=d.crop,
-                                  random_flip=d.random_flip, pairing=d.pairing, seed=d.seed)
+                                  random_flip=d.random_flip, pairing=d.pairing, seed=d.seed, resize=d.resize, flip_at=d.flip_at)
         except CorruptImageError as e:
             return e
 
@@ -98,16 +102,20 @@ class _Builder:
 
     def _open_shard(self, shard: int, first_item: int) -> None:
         self.shard = shard
-        self.cur = {"first_item": first_item, "source_items": 0, "rows": [], "skipped": [], "captions": [], "pending": [], "mean": [], "logvar": []}
+        self.cur = {"first_item": first_item, "source_items": 0, "rows": [], "skipped": [], "captions": []}
+        for suffix in self.orientations:
+            self.cur.update({"pending" + suffix: [], "mean" + suffix: [], "logvar" + suffix: []})
 
     def _flush_pixels(self, everything: bool) -> None:
-        """VAE-encode pending images in full batches (and the remainder at the shard's end)."""
+        """VAE-encode pending images of each orientation in full batches (and the remainder at the shard's end)."""
         cur, bs = self.cur, self.cfg.data.encode_batch_size
-        while len(cur["pending"]) >= bs or (everything and cur["pending"]):
-            batch, cur["pending"] = cur["pending"][:bs], cur["pending"][bs:]
-            m, lv = encode_images(self.c.vae, torch.stack(batch))
-            cur["mean"].append(m.to("cpu", self.dtype))
-            cur["logvar"].append(lv.to("cpu", self.dtype))
+        for suffix in self.orientations:
+            pending = cur["pending" + suffix]
+            while len(pending) >= bs or (everything and pending):
+                m, lv = encode_images(self.c.vae, torch.stack(pending[:bs]))
+                del pending[:bs]
+                cur["mean" + suffix].append(m.to("cpu", self.dtype))
+                cur["logvar" + suffix].append(lv.to("cpu", self.dtype))
 
     def add(self, item_id: int, item: SourceItem, result: list[PlacedImage] | CorruptImageError) -> None:
         """Record one decoded item in the open shard (or skip it, or fail, per `data.corrupt_images`)."""
@@ -139,14 +147,17 @@ class _Builder:
                  extra_scores=item.extra_scores)
         )
         cur["pending"].extend(p.pixels for p in result)
+        if "_mirrored" in self.orientations:
+            cur["pending_mirrored"].extend(p.mirrored for p in result)
         self._flush_pixels(everything=False)
 
     def commit(self) -> None:
         """Encode what is left of the open shard, embed its new captions and write it."""
         self._flush_pixels(everything=True)
         cur, tensors = self.cur, {}
-        if cur["mean"]:
-            tensors["mean"], tensors["logvar"] = torch.cat(cur["mean"]), torch.cat(cur["logvar"])
+        for suffix in self.orientations:
+            if cur["mean" + suffix]:
+                tensors["mean" + suffix], tensors["logvar" + suffix] = torch.cat(cur["mean" + suffix]), torch.cat(cur["logvar" + suffix])
         if cur["captions"]:
             tensors.update(self._encode_text(cur["captions"]))
         meta = {"shard": self.shard, "first_item": cur["first_item"], "source_items": cur["source_items"],
@@ -221,7 +232,8 @@ def prepare_cache(cfg: Config, components: Components | None = None, progress: b
     encoders = [vae, *components.text_encoders] if torch.cuda.is_available() else []  # lent to the GPU for the build
     with on_device(encoders, "cuda"):
         if want != was:
-            vae.to(dtype=want)
+            with quiet_loading():
+                vae.to(dtype=want)
         try:
             _Builder(cfg, components, root).run(source, progress)
             if not (root / TEXT_EMPTY).is_file():
@@ -233,7 +245,8 @@ def prepare_cache(cfg: Config, components: Components | None = None, progress: b
                 save_safetensors(root / TEXT_EMPTY, empty)
         finally:
             if want != was:
-                vae.to(dtype=was)
+                with quiet_loading():
+                    vae.to(dtype=was)
             close = getattr(source, "close", None)
             if close is not None:
                 close()

@@ -3,6 +3,9 @@
 Item ``i`` gives:
 - ``item_id`` int64 scalar: the item's position in the source stream (stable; trainers seed draws with it);
 - ``mean``, ``logvar`` (K, C, h, w) float32: the unscaled VAE posterior of the K images;
+- only with ``data.flip_at = 'train'``: ``mean_mirrored``, ``logvar_mirrored`` (K, C, h, w) float32, the posterior
+  of each image's mirror, and ``flip_group`` (K,) int64, which images share one orientation draw at train time
+  (all 0 under ``data.pairing = 'shared'``, 0..K-1 under ``'per_image'``; `diffalign.trainers.batch` draws);
 - ``prompt_embeds`` (L, D) float32, and ``pooled`` (D2,) for SDXL;
 - ``time_ids`` (K, 6) float32: [orig_h, orig_w, crop_top, crop_left, res, res] (``data.time_ids = 'true'``)
   or [res, res, 0, 0, res, res] for every image (``'fixed'``, the official behaviour);
@@ -42,7 +45,8 @@ from diffalign.data.shards import fixed_lists, read_index, tensors_path
 from diffalign.rewards import phi
 
 MAX_OPEN_SHARDS = 256  # per process; least recently used handles are closed beyond this
-_CHECKED = ("data.resolution", "data.crop", "data.random_flip", "data.pairing", "data.seed", "data.latent_dtype", "data.max_items")
+_CHECKED = ("data.resolution", "data.resize", "data.crop", "data.random_flip", "data.flip_at", "data.pairing", "data.seed",
+            "data.latent_dtype", "data.max_items")
 
 
 class LatentPairDataset(torch.utils.data.Dataset):
@@ -69,6 +73,8 @@ class LatentPairDataset(torch.utils.data.Dataset):
         self.resolution = int(self.manifest["latents"]["resolution"])
         self.k = int(self.manifest["counts"]["k"])
         self.time_ids_policy = data_cfg.time_ids
+        self.mirrored = data_cfg.flip_at == "train"  # the cache holds both orientations (checked against its identity above)
+        self.flip_group = torch.zeros(self.k, dtype=torch.int64) if data_cfg.pairing == "shared" else torch.arange(self.k)
         self._load_index(int(self.manifest["counts"]["shards"]), data_cfg)
         empty = load_file(str(self.root / TEXT_EMPTY))
         self.empty_prompt_embeds = empty["prompt_embeds"].float()
@@ -167,6 +173,10 @@ class LatentPairDataset(torch.utils.data.Dataset):
             "scores": torch.from_numpy(self._scores[i].copy()),
             "extra_scores": {name: torch.from_numpy(v[i].copy()) for name, v in self.extra_scores.items()},
         }
+        if self.mirrored:
+            out["mean_mirrored"] = f.get_slice("mean_mirrored")[r : r + self.k].float()
+            out["logvar_mirrored"] = f.get_slice("logvar_mirrored")[r : r + self.k].float()
+            out["flip_group"] = self.flip_group.clone()
         if self.family == "sdxl":
             out["pooled"] = text.get_slice("pooled")[t].float()
         return out

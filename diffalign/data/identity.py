@@ -5,7 +5,9 @@ The identity holds everything that changes the cached tensors: the format versio
 on (VAE, text encoders, tokenizers; see `diffalign.data.digest` for the method; hub ids are identified
 by id and revision only); with loaded components, also the family, VAE class / scaling factor / latent
 channels / spatial factor and the text encoders' classes and widths; the latent dtype, resolution,
-crop, flip, pairing and augmentation seed; the source kind and content digest, and `max_items`.
+resize, crop, flip (and when it is decided: `flip_at`), pairing and augmentation seed; the source kind
+and content digest, and `max_items`. A field added after caches were first written (`ADDED_LATER`)
+reads, in a cache that does not record it, as the value every such cache was built with.
 Knobs that only change how the cache is read (ties, time_ids, caption_dropout) or how fast it is built
 (batch sizes, workers, shard size) are not part of it. Keys are named after the config field to change.
 """
@@ -22,6 +24,8 @@ FORMAT_VERSION = 2  # 2: the index gained `extra_scores` (raw per-scorer scores)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
 _CACHE_SUBFOLDERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 _GENERATION_SUBFOLDERS = _CACHE_SUBFOLDERS + ("unet", "scheduler")
+# identity fields newer than format version 2, with the behaviour of the caches written before them
+ADDED_LATER = {"data.resize": "bicubic", "data.flip_at": "cache"}
 
 
 def _dir_digest(root: Path, subfolders: tuple[str, ...] | None) -> str:
@@ -64,8 +68,10 @@ def config_identity(cfg: Config) -> dict[str, Any]:
         "model.vae": m.vae,
         "model.weights": weights_digest(m),
         "data.resolution": d.resolution,
+        "data.resize": d.resize,
         "data.crop": d.crop,
         "data.random_flip": d.random_flip,
+        "data.flip_at": d.flip_at,
         "data.pairing": d.pairing,
         "data.seed": d.seed,
         "data.latent_dtype": d.latent_dtype,
@@ -94,10 +100,11 @@ def components_identity(components) -> dict[str, Any]:
 
 
 def diff_identity(cached: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """One line per field of `expected` that the cache records differently: 'field: cache has X, config asks Y'."""
+    """One line per field of `expected` that the cache records differently: 'field: cache has X, config asks Y'
+    (a field of `ADDED_LATER` that the cache does not record counts as its old behaviour)."""
     lines = []
     for key, want in expected.items():
-        have = cached.get(key, "<not recorded>")
+        have = cached.get(key, ADDED_LATER.get(key, "<not recorded>"))
         if have != want:
             lines.append(f"{key}: cache has {have!r}, config asks {want!r}")
     return lines

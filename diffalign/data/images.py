@@ -7,11 +7,20 @@ unknown format raise `CorruptImageError` with the reason. EXIF orientation is ap
 composited on white; 16-bit and float greyscale are scaled to 8 bit; the result is RGB.
 
 Geometry (`place_image`), in this order, as diffusers' SDXL scripts do:
-1. resize so the short side equals `resolution` (bicubic, antialiased: PIL's convolution resize);
-2. flip horizontally if the item's draw says so;
-3. crop a `resolution`² square: centred, or at a random offset.
+1. resize so the short side equals `resolution` (`data.resize`): 'bicubic' = PIL bicubic, long side
+   rounded; 'official' = torchvision's `Resize(resolution, interpolation=BILINEAR)` on a PIL image, i.e.
+   PIL bilinear with the long side truncated to int(resolution · long / short), skipped when the size
+   already matches (torchvision 0.19+ `_compute_resized_output_size`). Both are PIL's antialiased
+   convolution resize;
+2. flip horizontally if the item's draw says so (`data.flip_at = 'cache'`);
+3. crop a `resolution`² square: centred (torchvision `CenterCrop`'s rounding), or at a random offset.
 The reported crop top-left is in the resized (and flipped) frame, i.e. exactly the rows/columns cut
 off the image the VAE sees, which is what SDXL's `crops_coords_top_left` means.
+
+With `data.flip_at = 'train'` no flip is applied at cache time; instead each placed image also carries
+its mirror (the cropped pixels flipped left-right: the official Diffusion-DPO order resize, crop, flip),
+so the cache can hold both orientations and training can draw one per access. The crop top-left stays
+that of the crop, for both orientations (diffusers' SDXL scripts do not move it when they flip).
 
 Draws (`draw_augments`) are a hash of (seed, source_id, what[, image index]): no global RNG, so a
 rebuilt or resumed cache makes the same choices. With `pairing = "shared"` every image of an item gets
@@ -122,16 +131,25 @@ def draw_augments(seed: int, source_id: str, k: int, random_flip: bool, pairing:
 
 @dataclass
 class PlacedImage:
-    """An image ready for the VAE: pixels (3, res, res) in [-1, 1], true size (h, w), crop (top, left), flip."""
+    """An image ready for the VAE: pixels (3, res, res) in [-1, 1], true size (h, w), crop (top, left), flip;
+    `mirrored`: the pixels flipped left-right, when both orientations are cached (`data.flip_at = 'train'`)."""
 
     pixels: torch.Tensor
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
     flipped: bool
+    mirrored: torch.Tensor | None = None
 
 
-def resized_size(h: int, w: int, resolution: int) -> tuple[int, int]:
-    """(h, w) after scaling the short side to `resolution` (long side rounded, never below `resolution`)."""
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "official": Image.Resampling.BILINEAR}
+
+
+def resized_size(h: int, w: int, resolution: int, resize: str = "bicubic") -> tuple[int, int]:
+    """(h, w) after scaling the short side to `resolution`. 'bicubic': long side rounded, never below `resolution`;
+    'official': long side int(resolution · long / short), as torchvision's `Resize(resolution)` computes it."""
+    if resize == "official":
+        long = int(resolution * max(h, w) / min(h, w))
+        return (resolution, long) if h <= w else (long, resolution)
     s = resolution / min(h, w)
     return max(resolution, round(h * s)), max(resolution, round(w * s))
 
@@ -144,25 +162,41 @@ def crop_offset(size: int, resolution: int, crop: str, u: float) -> int:
     return min(int(u * (room + 1)), room)
 
 
-def place_image(im: Image.Image, resolution: int, crop: str, aug: Augment) -> PlacedImage:
-    """Resize (short side), flip, crop one RGB image as described in the module docstring."""
+def _to_pixels(im: Image.Image) -> torch.Tensor:
+    """(3, h, w) float32 in [-1, 1] from an RGB image."""
+    arr = torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+    return arr.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def place_image(im: Image.Image, resolution: int, crop: str, aug: Augment, resize: str = "bicubic") -> PlacedImage:
+    """Resize (short side, `resize` as `data.resize`), flip, crop one RGB image as described in the module docstring."""
     h, w = im.height, im.width
-    nh, nw = resized_size(h, w, resolution)
+    nh, nw = resized_size(h, w, resolution, resize)
     if (nh, nw) != (h, w):
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        im = im.resize((nw, nh), RESAMPLING[resize])
     if aug.flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     top = crop_offset(nh, resolution, crop, aug.u_top)
     left = crop_offset(nw, resolution, crop, aug.u_left)
     im = im.crop((left, top, left + resolution, top + resolution))
-    arr = torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-    pixels = arr.to(torch.float32).div_(127.5).sub_(1.0)
-    return PlacedImage(pixels, (h, w), (top, left), aug.flip)
+    return PlacedImage(_to_pixels(im), (h, w), (top, left), aug.flip)
+
+
+def with_mirror(placed: PlacedImage) -> PlacedImage:
+    """`placed` with `mirrored` set: its pixels flipped left-right (same crop, same time ids)."""
+    placed.mirrored = placed.pixels.flip(-1)
+    return placed
 
 
 def prepare_images(
-    images: list[bytes | Path], source_id: str, *, resolution: int, crop: str, random_flip: bool, pairing: str, seed: int
+    images: list[bytes | Path], source_id: str, *, resolution: int, crop: str, random_flip: bool, pairing: str, seed: int,
+    resize: str = "bicubic", flip_at: str = "cache",
 ) -> list[PlacedImage]:
-    """Decode and place all K images of one item (raises `CorruptImageError` naming the source_id and image)."""
-    augs = draw_augments(seed, source_id, len(images), random_flip, pairing)
-    return [place_image(decode_image(src, f"{source_id} image {i}"), resolution, crop, a) for i, (src, a) in enumerate(zip(images, augs))]
+    """Decode and place all K images of one item (raises `CorruptImageError` naming the source_id and image).
+
+    `flip_at = 'train'` (with `random_flip`): no cache-time flip; every image carries its mirror instead."""
+    both = random_flip and flip_at == "train"
+    augs = draw_augments(seed, source_id, len(images), random_flip and not both, pairing)
+    decoded = (decode_image(src, f"{source_id} image {i}") for i, src in enumerate(images))
+    placed = [place_image(im, resolution, crop, aug, resize) for im, aug in zip(decoded, augs)]
+    return [with_mirror(p) for p in placed] if both else placed

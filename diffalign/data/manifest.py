@@ -9,6 +9,11 @@ and how the digest is computed); ``counts`` (items, images, captions, K, ties, s
 shards); ``skipped`` (source_id and reason of every skipped item); ``extra_scores`` (names of the scorers
 whose raw per-image scores the index holds; the synthetic source's settings and scorers are in
 ``source.description``) and ``shard_size``. A cache of another ``format_version`` is refused by name.
+
+An evaluation-only cache (``data.source.evaluation_only``: built from held-out captions) has ``"evaluation_only":
+true`` in its manifest and ``data.source.evaluation_only`` in its identity (only when true, so the identities of
+other caches are unchanged); `check_cache` refuses it to a config that is not evaluation-only, and training refuses it
+outright (`refuse_evaluation_only`).
 """
 
 from __future__ import annotations
@@ -51,7 +56,24 @@ def expected_identity(cfg: Config, components: Components | None, source=None, s
     if components is not None:
         ident.update(components_identity(components))
     ident.update(_source_identity(cfg, source, strict))
+    if evaluation_only(cfg):
+        ident["data.source.evaluation_only"] = True
     return ident
+
+
+def evaluation_only(cfg: Config) -> bool:
+    """The config asks for an evaluation-only cache (`data.source.evaluation_only`, synthetic source)."""
+    return bool(getattr(cfg.data.source, "evaluation_only", False))
+
+
+def refuse_evaluation_only(manifest: dict, cache_dir) -> None:
+    """Raise `DataError` if the manifest marks an evaluation-only cache: such a cache may never become training data."""
+    if manifest.get("evaluation_only"):
+        raise DataError(
+            f"data.cache_dir: the cache at {cache_dir} is evaluation-only (built with data.source.evaluation_only = true, e.g. "
+            "from held-out captions) and may never become training data; evaluate with it (`diffalign eval ranking`) and train "
+            "on another data.cache_dir"
+        )
 
 
 def read_json(path: Path) -> dict:
@@ -102,6 +124,8 @@ def check_cache(cfg: Config, components: Components | None = None) -> dict:
         state = "is unfinished (no manifest.json; run prepare again to resume)" if (root / BUILD).is_file() else "does not exist"
         raise CacheIncompleteError(f"data.cache_dir: the latent cache at {root} {state}; run `diffalign prepare` first")
     manifest = read_json(root / MANIFEST)
+    if not evaluation_only(cfg):
+        refuse_evaluation_only(manifest, root)
     compare_identity(manifest.get("identity", {}), expected_identity(cfg, components, strict=False), root, "the cache")
     for s in range(manifest["counts"]["shards"]):
         if not tensors_path(root, s).is_file():
@@ -119,7 +143,8 @@ def build_manifest(cfg: Config, components: Components, root: Path, identity: di
     if items == 0:
         read = sum(m["source_items"] for m in metas)
         reasons = "; ".join(f"{s['source_id']}: {s['reason']}" for s in skipped[:5])
-        raise DataError(f"no usable items in data.source ({source.describe()}): {read} read, {len(skipped)} skipped" + (f" ({reasons})" if reasons else ""))
+        shown = f" ({reasons})" if reasons else ""
+        raise DataError(f"no usable items in data.source ({source.describe()}): {read} read, {len(skipped)} skipped{shown}")
     k = index.column("k")[0].as_py()
     ties = int(pc.sum(pc.equal(index.column("label"), 0.5)).as_py() or 0)
     empty = load_file(str(root / TEXT_EMPTY))
@@ -129,6 +154,7 @@ def build_manifest(cfg: Config, components: Components, root: Path, identity: di
     return {
         "format_version": identity["format_version"],
         "complete": True,
+        "evaluation_only": evaluation_only(cfg),
         "fingerprint": json_digest(identity),
         "identity": ident,
         "model": {

@@ -3,7 +3,9 @@
 The family is read from the UNet config: ``addition_embed_type == "text_time"`` means SDXL (two text
 encoders, pooled embeddings and time ids), anything else is SD1.5-style (one encoder). Hub ids load from
 the local cache only when ``HF_HUB_OFFLINE`` is set (huggingface_hub honours it); a missing path or an
-unreachable id is a clear `ModelLoadError`.
+unreachable id is a clear `ModelLoadError` naming the config key (``model.pretrained`` or ``model.vae``). A
+builtin model uses its own VAE: a separate ``model.vae`` is refused, as is an unknown ``builtin:`` name.
+The libraries' loading chatter is silenced while loading (`diffalign.models.quiet`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from diffalign.config import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, BUILTIN_TOY, ModelConfig
+from diffalign.config import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, ModelConfig
+from diffalign.config.base import BUILTIN_MODELS, BUILTIN_PREFIX, check_builtin, check_separate_vae
 from diffalign.models.errors import ModelLoadError  # re-exported: diffalign.models.loading.ModelLoadError
+from diffalign.models.quiet import quiet_loading
 
-BUILTINS = (BUILTIN_TINY_SDXL, BUILTIN_TINY_SD15, BUILTIN_TOY)
+BUILTINS = BUILTIN_MODELS
+PRETRAINED, VAE = "model.pretrained", "model.vae"  # the config keys a load error names
 
 Family = Literal["sd15", "sdxl"]
 
@@ -57,20 +62,41 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _from_pretrained(cls, ref: str, subfolder: str | None, cfg: ModelConfig, **kw):
+def _from_pretrained(cls, ref: str, subfolder: str | None, cfg: ModelConfig, key: str = PRETRAINED, **kw):
+    """`cls.from_pretrained` without the libraries' loading chatter; a failure is a `ModelLoadError` naming `key`."""
     local = Path(ref).is_dir()
+    revision = cfg.revision if key == PRETRAINED and not local else None  # model.revision is that of model.pretrained
     try:
-        return cls.from_pretrained(
-            ref,
-            subfolder=subfolder,
-            revision=None if local else cfg.revision,
-            variant=cfg.variant,
-            local_files_only=local or _offline(),
-            **kw,
-        )
+        with quiet_loading():
+            return cls.from_pretrained(
+                ref,
+                subfolder=subfolder,
+                revision=revision,
+                variant=cfg.variant,
+                local_files_only=local or _offline(),
+                **kw,
+            )
     except (OSError, ValueError, EnvironmentError) as e:
         where = f"{ref}/{subfolder}" if subfolder else ref
-        raise ModelLoadError(f"model.pretrained: could not load {cls.__name__} from '{where}': {e}") from None
+        raise ModelLoadError(f"{key}: could not load {cls.__name__} from '{where}': {e}") from None
+
+
+def _looks_local(ref: str) -> bool:
+    """A filesystem path rather than a hub id ('org/name')."""
+    return Path(ref).is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1
+
+
+def _check_vae_path(cfg: ModelConfig) -> None:
+    """A separate VAE given as a path must exist (checked before anything large loads)."""
+    if cfg.vae and not Path(cfg.vae).is_dir() and _looks_local(cfg.vae):
+        raise ModelLoadError(f"{VAE}: local directory '{cfg.vae}' does not exist")
+
+
+def _load_vae(ref: str, cfg: ModelConfig) -> AutoencoderKL:
+    """The pipeline's own VAE, or the separate `model.vae` (a diffusers AutoencoderKL directory or hub id)."""
+    if not cfg.vae:
+        return _from_pretrained(AutoencoderKL, ref, "vae", cfg)
+    return _from_pretrained(AutoencoderKL, cfg.vae, None, cfg, key=VAE)
 
 
 def _unet_config(ref: str, cfg: ModelConfig) -> dict:
@@ -80,8 +106,8 @@ def _unet_config(ref: str, cfg: ModelConfig) -> dict:
         if not cfg_file.is_file():
             raise ModelLoadError(f"model.pretrained: '{ref}' is a directory but has no unet/config.json (not a diffusers pipeline)")
         return json.loads(cfg_file.read_text())
-    if path.is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1:
-        raise ModelLoadError(f"model.pretrained: local directory '{ref}' does not exist")
+    if _looks_local(ref):
+        raise ModelLoadError(f"{PRETRAINED}: local directory '{ref}' does not exist")
     return dict(_from_pretrained(UNet2DConditionModel, ref, "unet", cfg).config)
 
 
@@ -97,9 +123,23 @@ def _builtin_pipeline(ref: str, prediction_type: str):
     return load_toy_pipeline()
 
 
+def _check_builtin(cfg: ModelConfig) -> None:
+    """`ModelConfig`'s checks of a builtin name and a separate VAE, again for a config built without validation."""
+    try:
+        check_builtin(cfg.pretrained)
+    except ValueError as e:
+        raise ModelLoadError(f"{PRETRAINED}: {e} (got {cfg.pretrained!r})") from None
+    try:
+        check_separate_vae(cfg.pretrained, cfg.vae)
+    except ValueError as e:
+        raise ModelLoadError(f"{VAE}: {e} (got {cfg.vae!r})") from None
+
+
 def _builtin(cfg: ModelConfig) -> Components:
+    _check_builtin(cfg)
     pred = "epsilon" if cfg.prediction_type == "auto" else cfg.prediction_type
-    p = _builtin_pipeline(cfg.pretrained, pred)
+    with quiet_loading():
+        p = _builtin_pipeline(cfg.pretrained, pred)
     family = detect_family(dict(p.unet.config))
     if family == "sdxl":
         encoders, tokenizers = [p.text_encoder, p.text_encoder_2], [p.tokenizer, p.tokenizer_2]
@@ -121,11 +161,12 @@ def _zero_empty_prompt(ref: str) -> bool:
 def load_components(cfg: ModelConfig) -> Components:
     """Load UNet, VAE, text encoders, tokenizers and the training noise scheduler for `cfg.pretrained`."""
     ref = cfg.pretrained
-    if ref in BUILTINS:
+    if ref.startswith(BUILTIN_PREFIX):
         return _builtin(cfg)
+    _check_vae_path(cfg)
     family = detect_family(_unet_config(ref, cfg))
     unet = _from_pretrained(UNet2DConditionModel, ref, "unet", cfg)
-    vae = _from_pretrained(AutoencoderKL, cfg.vae, None, cfg) if cfg.vae else _from_pretrained(AutoencoderKL, ref, "vae", cfg)
+    vae = _load_vae(ref, cfg)
     scheduler = _from_pretrained(DDPMScheduler, ref, "scheduler", cfg)
     encoders = [_from_pretrained(CLIPTextModel, ref, "text_encoder", cfg)]
     tokenizers = [_from_pretrained(CLIPTokenizer, ref, "tokenizer", cfg)]

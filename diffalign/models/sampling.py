@@ -42,7 +42,8 @@ def sample_images(
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i : i + batch_size])
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
-        out = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=resolution, width=resolution, generator=generators)
+        out = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=resolution, width=resolution,
+                   generator=generators)
         images.extend(out.images)
         if progress is not None:
             progress(len(chunk))
@@ -70,11 +71,8 @@ def load_trained_unet(components: Components, final_dir: str | Path) -> UNet2DCo
     if lora_file.is_file():
         if getattr(components.unet, "peft_config", None):
             raise ModelLoadError(f"{final_dir}: components.unet already carries LoRA adapters; pass the base model's components")
-        unet = copy.deepcopy(components.unet)
-        unet.requires_grad_(False)  # as training leaves a LoRA UNet: the base frozen, the adapters trainable (see below)
-        unet.load_lora_adapter(str(final_dir), weight_name=LORA_WEIGHT_NAME, prefix="unet", adapter_name="default", local_files_only=True)
-        _check_all_loaded(unet, lora_file)
-        for name, p in unet.named_parameters():
+        unet = unet_with_lora(components.unet, lora_file)
+        for name, p in unet.named_parameters():  # as training leaves a LoRA UNet: the base frozen, the adapters trainable
             p.requires_grad_(".lora_" in name)
     elif (final_dir / "unet" / "config.json").is_file():
         unet = UNet2DConditionModel.from_pretrained(final_dir / "unet", local_files_only=True).to(components.unet.device)
@@ -85,6 +83,16 @@ def load_trained_unet(components: Components, final_dir: str | Path) -> UNet2DCo
     # requires_grad, so only these flags give samples equal to the in-memory trained model's bit for bit. Sampling runs
     # under no_grad, so the flags cost nothing there.
     return unet.eval()
+
+
+def unet_with_lora(base: UNet2DConditionModel, lora_file: Path) -> UNet2DConditionModel:
+    """A deep copy of `base` with the diffusers-format LoRA file loaded as adapter 'default' (unfused, frozen); raises
+    `ModelLoadError` unless every LoRA tensor of the file found its module."""
+    unet = copy.deepcopy(base)
+    unet.requires_grad_(False)
+    unet.load_lora_adapter(str(lora_file.parent), weight_name=lora_file.name, prefix="unet", adapter_name="default", local_files_only=True)
+    _check_all_loaded(unet, lora_file)
+    return unet
 
 
 def _check_all_loaded(unet: UNet2DConditionModel, lora_file: Path) -> None:

@@ -8,8 +8,9 @@ two registry names. Weights: ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt
 fp16, loaded with ``weights_only=True``) or DiffSynth's flat ``.safetensors`` conversion. The model is built
 with ``pretrained=None`` (no download of the laion weights it overwrites) from open_clip's ``ViT-H-14``
 config, or from ``architecture`` (a config name or an ``{embed_dim, vision_cfg, text_cfg}`` dict). Images
-are letterboxed (`preprocess.letterbox`), not centre-cropped; prompts use open_clip's tokenizer (77 tokens,
-truncated with the end token kept).
+are letterboxed (`preprocess.letterbox`), not centre-cropped, and resized without antialiasing as a release-era
+install does; ``antialias=True`` matches a fresh official install (docs/scorers.md). Prompts use open_clip's
+tokenizer (77 tokens, truncated with the end token kept).
 """
 
 from __future__ import annotations

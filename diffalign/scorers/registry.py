@@ -54,13 +54,21 @@ class Entry:
     fixed: dict = field(default_factory=dict)  # options this name implies
     what: str = ""
     identity: str | Callable[..., dict] | None = None  # for scorers without weight files: what decides their scores
+    uses_prompt: bool = True  # False: the score ignores the prompt, so images without prompts can be scored
+
+
+def _hps_resize(name: str) -> str:
+    """The HPS entries' note on the letterbox resize (docs/scorers.md, HPSv2 letterbox antialiasing)."""
+    return (f"; letterbox resize without antialiasing, as the release-era install (torchvision < 0.17); --scorer-option "
+            f"{name}.antialias=true matches a fresh official install (measured against the official hpsv2 package on random "
+            "full-size weights: up to 13% of the score spread)")
 
 
 REGISTRY: dict[str, Entry] = {
     "hpsv2": Entry("diffalign.scorers.hps:HPSv2", {"path": "HPS_v2_compressed.pt"}, fixed={"version": "hpsv2"},
-                   what="HPSv2.0, open_clip ViT-H-14, cosine (x100 in the HPSv2 benchmark)"),
+                   what="HPSv2.0, open_clip ViT-H-14, cosine (x100 in the HPSv2 benchmark)" + _hps_resize("hpsv2")),
     "hpsv21": Entry("diffalign.scorers.hps:HPSv2", {"path": "HPS_v2.1_compressed.pt"}, fixed={"version": "hpsv21"},
-                    what="HPSv2.1, open_clip ViT-H-14, cosine; not comparable with v2.0"),
+                    what="HPSv2.1, open_clip ViT-H-14, cosine; not comparable with v2.0" + _hps_resize("hpsv21")),
     "pickscore": Entry("diffalign.scorers.pickscore:PickScore", {"path": "PickScore_v1", "tokenizer": "CLIP-ViT-H-14-laion2B-s32B-b79K"},
                        optional=("tokenizer",), what="PickScore v1, transformers CLIP-H, logit_scale x cosine"),
     "imagereward": Entry("diffalign.scorers.imagereward:ImageReward", {"path": "ImageReward/ImageReward.pt"},
@@ -70,7 +78,7 @@ REGISTRY: dict[str, Entry] = {
                  what="MPS overall checkpoint, CLIP-H + condition cross model; overall and condition-mask dimensions"),
     "aesthetic": Entry("diffalign.scorers.aesthetic:AestheticScorer",
                        {"path": "sac+logos+ava1-l14-linearMSE.pth", "clip": "clip-vit-large-patch14"},
-                       what="LAION improved aesthetic predictor, MLP on CLIP ViT-L/14 embeddings, about 1-10"),
+                       what="LAION improved aesthetic predictor, MLP on CLIP ViT-L/14 embeddings, about 1-10", uses_prompt=False),
     "clipscore": Entry("diffalign.scorers.clipscore:CLIPScore", {"path": "clip-vit-base-patch32"},
                        what="CLIPScore, 2.5 max(cos, 0) with 'A photo depicts' (Hessel et al.) unless convention= says otherwise"),
     "hpsv3": Entry("diffalign.scorers.hpsv3:HPSv3", {"path": "HPSv3.safetensors", "base": "Qwen2-VL-7B-Instruct"}, optional=("base",),
@@ -90,6 +98,11 @@ def _entry(name: str) -> Entry:
     if name not in REGISTRY:
         raise ScorerConfigError(f"unknown scorer {name!r}; available: {', '.join(available())}")
     return REGISTRY[name]
+
+
+def uses_prompts(names) -> bool:
+    """Whether any of the scorers ``names`` reads the prompt (known without loading them)."""
+    return any(_entry(name).uses_prompt for name in names)
 
 
 def resolve_options(name: str, weights_dir: str | os.PathLike | None = None, **options) -> dict:

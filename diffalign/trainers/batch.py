@@ -5,7 +5,10 @@ Pairing invariants (research/dpo_anchors.md §1.1, §7): all images of an item s
 ε and the caption-dropout decision; each image keeps its own SDXL time ids and its own posterior sample. Every
 draw comes from `Draws` (counter-based: seed, step, slot in the step's global batch, item id, stream). The
 posterior noise is one (K, C, h, w) draw per item, whatever the method uses of it, so a pairwise method and a
-K-image method see the same latents for the same item.
+K-image method see the same latents for the same item. When the cache holds both orientations of every image
+(``data.flip_at = 'train'``), each access also draws which one each image trains in (`draw_flips`): one draw per
+item under ``data.pairing = 'shared'``, one per image under ``'per_image'`` (the official per-access flip); the
+time ids stay those of the crop.
 
 Images are chosen per item by an index tensor `images` of shape (B, n) (slot numbers 0..K-1); everything a
 method runs the UNet on is laid out image-major: row j·B + b is image `images[b, j]` of item b, so the errors
@@ -77,6 +80,7 @@ class LatentBatch:
     extra_scores: dict[str, torch.Tensor]  # scorer -> (B, K) raw scores
     pair_slots: torch.Tensor  # (B, 2) winner, loser
     pair_label: torch.Tensor  # (B,)
+    flipped: torch.Tensor | None = None  # (B, K) bool: image trained mirrored at this access (data.flip_at = 'train')
 
     @property
     def size(self) -> int:
@@ -135,8 +139,28 @@ class BatchRules:
     caption_dropout: float
 
 
+def draw_flips(raw: dict, draws: Draws) -> torch.Tensor | None:
+    """(B, K) bool: which images train mirrored at this access; None when the cache holds one orientation.
+
+    Each item draws K uniforms from its "flip" stream; image j is mirrored when the uniform of its flip group
+    (``raw["flip_group"][b, j]``: 0 for all images under pairing 'shared', j under 'per_image') is below 1/2."""
+    if "mean_mirrored" not in raw:
+        return None
+    k = raw["mean"].shape[1]
+    u = torch.stack(draws.per_item("flip", lambda g: torch.rand(k, generator=g)))
+    return torch.gather(u, 1, raw["flip_group"]) < 0.5
+
+
+def oriented(raw: dict, key: str, flipped: torch.Tensor | None) -> torch.Tensor:
+    """`raw[key]` (B, K, C, h, w) with the mirrored images taken from `raw[key + "_mirrored"]`."""
+    if flipped is None:
+        return raw[key]
+    return torch.where(flipped[:, :, None, None, None], raw[key + "_mirrored"], raw[key])
+
+
 def build_batch(raw: dict, rules: BatchRules, draws: Draws) -> LatentBatch:
-    """Draw each item's posterior noise, t, ε and caption dropout (keyed by `draws`) and apply the dropout."""
+    """Draw each item's posterior noise, t, ε, caption dropout and (with both orientations cached) flips, keyed by
+    `draws`, and apply them."""
     image_shape = raw["mean"].shape[1:]  # (K, C, h, w)
     posterior_noise = torch.stack(draws.per_item("latent", lambda g: torch.randn(image_shape, generator=g)))
     t = torch.cat(draws.per_item("timestep", lambda g: torch.randint(0, rules.num_train_timesteps, (1,), generator=g)))
@@ -144,9 +168,11 @@ def build_batch(raw: dict, rules: BatchRules, draws: Draws) -> LatentBatch:
     dropped = torch.tensor([bool(r < rules.caption_dropout) for r in draws.per_item("caption_dropout", lambda g: torch.rand(1, generator=g))])
     prompt = torch.where(dropped[:, None, None], rules.empty_prompt_embeds, raw["prompt_embeds"])
     pooled = torch.where(dropped[:, None], rules.empty_pooled, raw["pooled"]) if "pooled" in raw else None
+    flipped = draw_flips(raw, draws)
+    mean, logvar = oriented(raw, "mean", flipped), oriented(raw, "logvar", flipped)
     return LatentBatch(
-        item_id=raw["item_id"], mean=raw["mean"], logvar=raw["logvar"], posterior_noise=posterior_noise,
+        item_id=raw["item_id"], mean=mean, logvar=logvar, posterior_noise=posterior_noise,
         scaling_factor=rules.scaling_factor, t=t, noise=noise, dropped=dropped, prompt_embeds=prompt, pooled=pooled,
         time_ids=raw["time_ids"] if pooled is not None else None, label=raw["label"], ranks=raw["ranks"], scores=raw["scores"],
-        extra_scores=dict(raw.get("extra_scores", {})), pair_slots=raw["pair"], pair_label=raw["pair_label"],
+        extra_scores=dict(raw.get("extra_scores", {})), pair_slots=raw["pair"], pair_label=raw["pair_label"], flipped=flipped,
     )

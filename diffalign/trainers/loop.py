@@ -22,16 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from diffalign.config import Config, dump_config
 from diffalign.data import LatentPairDataset, prepare_cache
-from diffalign.data.manifest import MANIFEST, read_json
+from diffalign.data.manifest import MANIFEST, evaluation_only, read_json, refuse_evaluation_only
 from diffalign.io import atomic_write_text, load_safetensors, save_safetensors, torch_load, torch_save
+from diffalign.models.init_from import start_from
 from diffalign.models.loading import Components, load_components
 from diffalign.models.lora import attach_lora, save_lora, trainable_state_dict
-from diffalign.randomness import Draws
+from diffalign.models.quiet import quiet_loading
+from diffalign.randomness import Draws, seed63
 from diffalign.trainers import checkpoint as ckpt
 from diffalign.trainers.batch import BatchRules, build_batch
 from diffalign.trainers.methods import build_method
@@ -39,14 +42,19 @@ from diffalign.trainers.models import Models, Schedule
 from diffalign.trainers.optim import build_lr_schedule, build_optimizer, effective_lr
 from diffalign.trainers.report import MetricsLog, print_summary
 from diffalign.trainers.sampler import GlobalBatchSampler
-from diffalign.trainers.validation import validation_grid
+from diffalign.trainers.validation import Validation, check_validation_scorers
 
 # Fields that must match between a checkpoint and the run resuming it (the rest may change, e.g. max_steps).
+# Fields that decide what is trained, on which items in which order: a checkpoint resumes only under the same values.
+# Every other setting may change on resume; the changes are applied (the optimizer's lr, betas, eps and weight decay
+# included) and printed.
 IDENTITY_FIELDS = (
-    "model.pretrained", "model.revision", "model.finetune", "model.lora", "method", "data.resolution",
-    "data.caption_dropout", "data.ties", "data.min_score_gap", "data.phi_ties", "train.seed", "train.batch_size", "train.grad_accum",
-    "train.mixed_precision",
+    "model.pretrained", "model.revision", "model.variant", "model.init_from", "model.prediction_type", "model.finetune",
+    "model.lora", "method", "data.resolution", "data.time_ids", "data.caption_dropout", "data.ties", "data.min_score_gap",
+    "data.phi_ties", "optim.optimizer", "train.seed", "train.batch_size", "train.grad_accum", "train.mixed_precision",
 )
+# Settings that never count as a change on resume (where the run lives, whether it resumes).
+_NOT_SETTINGS = ("train.output_dir", "train.resume")
 # Which items a cache yields and how they pair. 2: `data.ties = drop` also drops items whose best and worst images tie
 # by rank or score (before: only label 0.5), and labelled pairs keep soft labels. A checkpoint of rules 1 would resume
 # on another item set and data order, so it is refused with that reason.
@@ -92,9 +100,16 @@ class PreferenceTrainer:
         tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
         if tracker == "wandb" and importlib.util.find_spec("wandb") is None:
             raise TrainingError("log.tracker = wandb needs wandb: pip install 'diffalign[wandb]' (or log.tracker=tensorboard)")
+        if evaluation_only(cfg):  # refused before the cache is built; a marked cache is refused again when read
+            raise TrainingError(f"data.source.evaluation_only: the cache at {cfg.data.cache_dir} is evaluation-only (held-out "
+                                "captions) and may never become training data; evaluate with it (`diffalign eval ranking`)")
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker, project_dir=str(self.output_dir / "logs"))
         acc = self.accelerator
-        set_seed(cfg.train.seed)  # only for anything outside our counter-based draws (e.g. LoRA dropout)
+        if cfg.train.mixed_precision == "fp16" and acc.device.type == "cpu":
+            raise TrainingError("train.mixed_precision = fp16 needs a GPU; on the CPU use 'no' or 'bf16'")
+        check_validation_scorers(cfg, warn=acc.is_main_process)  # unknown validation scorers fail before anything loads
+        self.validation = Validation(cfg.eval, cfg.data.resolution, lora=cfg.model.finetune == "lora")
+        set_seed(cfg.train.seed)  # only for anything outside our counter-based draws
         if cfg.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -104,17 +119,22 @@ class PreferenceTrainer:
             if acc.is_main_process:  # encodes on the GPU when there is one, then gives the encoders back
                 prepare_cache(cfg, self.components, progress=cfg.log.progress)  # builds, or verifies a complete cache once
         self.manifest = read_json(Path(cfg.data.cache_dir) / MANIFEST)
+        refuse_evaluation_only(self.manifest, cfg.data.cache_dir)  # held-out captions never become training data
         self.dataset = LatentPairDataset(cfg.data.cache_dir, cfg.data, manifest=self.manifest)
         if len(self.dataset) == 0:
             raise TrainingError(f"data: no usable items in {cfg.data.cache_dir} (ties dropped: data.ties = {cfg.data.ties})")
 
-        # 2. the trained UNet; the reference is made BEFORE any checkpoint is loaded, so it stays the base
+        # 2. the trained UNet; the reference is made BEFORE any checkpoint is loaded, so it stays the base (or the
+        #    previous output of `model.init_from`, merged after the cache, which always comes from `model.pretrained`)
+        if cfg.model.init_from:
+            self.components = start_from(self.components, cfg.model.init_from)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
         unet = self.components.unet
         self.lora = cfg.model.finetune == "lora"
         self.reference = None
         if self.lora:
-            unet.to(acc.device, dtype=self.weight_dtype)  # the frozen base in the weight dtype (one move, no fp32 transient)
+            with quiet_loading():  # the frozen base in the weight dtype (one move, no fp32 transient)
+                unet.to(acc.device, dtype=self.weight_dtype)
             attach_lora(unet, cfg.model.lora)
             for p in unet.parameters():  # LoRA parameters train in fp32 under mixed precision
                 if p.requires_grad:
@@ -122,7 +142,8 @@ class PreferenceTrainer:
         else:
             unet.requires_grad_(True)
             if self.method.needs.reference:  # copied and cast on the host, then moved
-                self.reference = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype=self.weight_dtype)
+                with quiet_loading():
+                    self.reference = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype=self.weight_dtype)
                 if cfg.model.reference_offload and acc.device.type != "cpu":
                     from accelerate import cpu_offload
 
@@ -167,6 +188,7 @@ class PreferenceTrainer:
 
         # 4. where to start
         self.step, self.micro_batch = 0, 0
+        self.skipped_steps = self.skips_in_a_row = 0
         self.resumed_from = self.resume()
         self.sampler = GlobalBatchSampler(
             len(self.dataset), cfg.train.batch_size, cfg.train.seed, acc.num_processes, acc.process_index, self.micro_batch
@@ -192,49 +214,95 @@ class PreferenceTrainer:
 
     # ------------------------------------------------------------------------------------------ train
 
-    def micro_step(self, raw: dict, micro: int) -> dict[str, torch.Tensor]:
+    def micro_step(self, raw: dict, micro: int) -> tuple[dict[str, torch.Tensor], str | None]:
+        """Loss and backward of one micro-batch; returns its metrics and, if its loss was not finite, why (no backward)."""
         acc = self.accelerator
         b, n = self.cfg.train.batch_size, acc.num_processes
         first = micro * b * n + acc.process_index * b  # this micro-batch's place in the step's global batch
         ids = raw["item_id"].tolist()
         draws = Draws(self.cfg.train.seed, self.step, range(first, first + len(ids)), ids)
-        loss, metrics = self.method.loss(self.models, build_batch(raw, self.batch_rules, draws), draws)
-        if not torch.isfinite(loss):
-            shown = ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items() if k != "loss")
-            raise TrainingError(
-                f"non-finite loss {loss.item()} at step {self.step}, micro-batch {micro}, items {ids} ({shown}); "
-                "lower optim.lr or check the cache"
-            )
-        acc.backward(loss / self.cfg.train.grad_accum)
-        return metrics
+        with self._lora_dropout_rng(first):
+            loss, metrics = self.method.loss(self.models, build_batch(raw, self.batch_rules, draws), draws)
+            if not self._finite_everywhere(loss):
+                if torch.isfinite(loss):
+                    return metrics, f"non-finite loss on another process at step {self.step}, micro-batch {micro}"
+                shown = ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items() if k != "loss")
+                return metrics, f"non-finite loss {loss.item()} at step {self.step}, micro-batch {micro}, items {ids} ({shown})"
+            acc.backward(loss / self.cfg.train.grad_accum)
+        return metrics, None
+
+    def _finite_everywhere(self, value: torch.Tensor) -> bool:
+        """Whether `value` is finite on every process (all processes then skip or step together)."""
+        finite = torch.isfinite(value.detach()).all().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.gather(finite.to(self.accelerator.device)).min()
+        return bool(finite.item())
+
+    def _lora_dropout_rng(self, first_slot: int):
+        """LoRA dropout draws its masks from torch's global generator: seed it per (step, place in the global batch), so the
+        masks are counter-based like every other draw (a resumed run draws the same ones; ranks draw different ones)."""
+        if not (self.lora and self.cfg.model.lora.dropout > 0):
+            return contextlib.nullcontext()
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        seed = seed63(f"{self.cfg.train.seed}/{self.step}/{first_slot}/lora_dropout")
+        torch.manual_seed(seed)  # seeds the CPU and every CUDA generator (inside the fork: restored on exit)
+        return stack
 
     def optimizer_step(self) -> dict[str, float]:
         acc, cfg = self.accelerator, self.cfg
         sums: dict[str, torch.Tensor] = {}
+        skip = None  # why this step is skipped (a non-finite loss or gradient norm), if it is
         for micro in range(cfg.train.grad_accum):
             batch = next(self.loader)
+            self.micro_batch += 1
+            if skip is not None:
+                continue  # the step's remaining data is consumed unread, so the data order stays that of an unskipped run
             last = micro == cfg.train.grad_accum - 1
-            ctx = contextlib.nullcontext() if last else acc.no_sync(self.unet)
-            with ctx:
-                metrics = self.micro_step(batch, micro)
+            with contextlib.nullcontext() if last else acc.no_sync(self.unet):
+                metrics, skip = self.micro_step(batch, micro)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum
-            self.micro_batch += 1
         lr = self.lr_schedule.get_last_lr()[0]  # the lr this step uses
         grad_norm = None
-        if cfg.optim.max_grad_norm is not None:
+        if skip is None and cfg.optim.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(self.trainable, cfg.optim.max_grad_norm)
-        self.optimizer.step()
-        self.lr_schedule.step()
+            if getattr(acc, "scaler", None) is None and not self._finite_everywhere(torch.as_tensor(grad_norm)):
+                skip = f"non-finite gradient norm {float(grad_norm)} at step {self.step}"
+        stepped = False
+        if skip is None:
+            self.optimizer.step()
+            stepped = not self.optimizer.step_was_skipped  # fp16: the GradScaler skips steps with inf/NaN gradients
+        if stepped:  # the schedule and the EMA advance on real updates only (a skipped warmup step is not warmup)
+            self.lr_schedule.step()
+            if self.ema is not None:
+                self.ema.step(self.trainable)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.step(self.trainable)
         self.step += 1
         out = {k: acc.reduce(v.detach(), reduction="mean").item() for k, v in sums.items()}
         out["lr"] = lr
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
+        if skip is not None:
+            self._skipped(skip)
+            out["skipped"] = 1.0
+        else:
+            self.skips_in_a_row = 0
         return out
+
+    def _skipped(self, why: str) -> None:
+        """Apply `train.nonfinite` to a step skipped for a non-finite loss or gradient norm."""
+        cfg = self.cfg.train
+        advice = "lower optim.lr, check the cache, or use train.mixed_precision=bf16 instead of fp16"
+        if cfg.nonfinite == "stop":
+            raise TrainingError(f"{why}; {advice} (train.nonfinite = stop)")
+        self.skipped_steps += 1
+        self.skips_in_a_row += 1
+        if self.skips_in_a_row >= cfg.max_skips_in_a_row:
+            raise TrainingError(f"{why}; {self.skips_in_a_row} steps in a row skipped (train.max_skips_in_a_row): {advice}")
+        if self.accelerator.is_main_process:
+            print(f"diffalign train: step skipped: {why} ({self.skipped_steps} skipped so far)", flush=True)
 
     def train(self) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
@@ -266,9 +334,10 @@ class PreferenceTrainer:
         acc = self.accelerator
         if acc.is_main_process:
             path = self.output_dir / "validation" / f"step-{self.step:08d}.png"
-            grid = validation_grid(
-                self.components, acc.unwrap_model(self.unet), self.cfg.eval, self.cfg.data.resolution, acc.device, self.lora, path
-            )
+            grid, scores = self.validation.run(self.components, acc.unwrap_model(self.unet), acc.device, path)
+            if scores:  # val/<scorer>: curves beside the training metrics
+                acc.log(scores, step=self.step)
+                self.metrics_log.write(self.step, scores)
             for tracker in acc.trackers:
                 if tracker.name == "tensorboard":
                     import numpy as np
@@ -306,7 +375,8 @@ class PreferenceTrainer:
             if scaler is not None:
                 torch_save(staging / "scaler.pt", scaler.state_dict())
             ckpt.fault_point("checkpoint.write")
-            state = {"step": self.step, "micro_batch": self.micro_batch, "identity": self._identity()}
+            state = {"step": self.step, "micro_batch": self.micro_batch, "skipped_steps": self.skipped_steps,
+                     "skips_in_a_row": self.skips_in_a_row, "identity": self._identity()}
             atomic_write_text(staging / "state.json", json.dumps(state, indent=2))
             atomic_write_text(staging / "config.yaml", dump_config(self.cfg))
         acc.wait_for_everyone()
@@ -324,6 +394,8 @@ class PreferenceTrainer:
         path = ckpt.latest(self.checkpoint_root) if want == "latest" else Path(want)
         if path is None:
             return None
+        if not path.is_dir():
+            raise TrainingError(f"train.resume: no checkpoint directory {path} (use 'latest' for the newest in {self.checkpoint_root})")
         ckpt.verify(path)
         state = json.loads((path / "state.json").read_text())
         rules = state["identity"].get("pairing_rules", 1)
@@ -350,8 +422,11 @@ class PreferenceTrainer:
                 own[name].copy_(tensor)
         self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
         self.lr_schedule.load_state_dict(torch_load(path / "lr_schedule.pt"))
+        self._apply_changed_settings(path)
         if self.ema is not None:
-            self.ema.load_state_dict(torch_load(path / "ema.pt"))
+            if not (path / "ema.pt").is_file():
+                raise TrainingError(f"cannot resume from {path} with train.ema.enabled: the checkpoint has no EMA (ema.pt)")
+            load_ema(self.ema, torch_load(path / "ema.pt"), self.trainable[0].device)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             scaler.load_state_dict(torch_load(path / "scaler.pt"))
@@ -360,7 +435,25 @@ class PreferenceTrainer:
             raise TrainingError(f"{rng_file}: missing RNG state for this process")
         _set_rng_state(torch_load(rng_file))
         self.step, self.micro_batch = state["step"], state["micro_batch"]
+        self.skipped_steps, self.skips_in_a_row = state.get("skipped_steps", 0), state.get("skips_in_a_row", 0)
         return path
+
+    def _apply_changed_settings(self, path: Path) -> None:
+        """Settings outside the identity may change on resume: print each change, and give the restored optimizer and LR
+        schedule this run's lr, betas, eps and weight decay (their saved state would silently keep the old ones)."""
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+        changes = _changed_settings(saved, self.cfg.model_dump(mode="json"))
+        if changes and self.accelerator.is_main_process:
+            print(f"diffalign train: resuming from {path} with changed settings (applied): " + "; ".join(changes), flush=True)
+        optim, schedule = self.cfg.optim, self.lr_schedule
+        adam = {"betas": tuple(optim.betas), "eps": optim.eps} if optim.optimizer != "adafactor" else {}  # Adafactor's eps is a pair
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=self.lr, weight_decay=optim.weight_decay, **adam)
+        schedule.base_lrs = [self.lr] * len(self.optimizer.param_groups)
+        # the lr at the restored position under this run's schedule (its lambdas come from this config, not the checkpoint)
+        schedule._last_lr = [base * f(schedule.last_epoch) for base, f in zip(schedule.base_lrs, schedule.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, schedule._last_lr):
+            group["lr"] = lr
 
     # ----------------------------------------------------------------------------------------- finish
 
@@ -406,6 +499,28 @@ def _progress(cfg: Config, start: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def load_ema(ema, state: dict, device: torch.device) -> None:
+    """Load an EMA state (read onto the CPU) and move it to the trained parameters' device: diffusers' EMAModel keeps
+    the loaded tensors where they were read, and its next `step` would mix devices."""
+    ema.load_state_dict(state)
+    ema.to(device=device)
+
+
+def _changed_settings(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every setting that differs between two config dumps (identity fields are checked apart)."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        dotted = f"{prefix}{key}"
+        a, b = saved.get(key), now.get(key)
+        if dotted in _NOT_SETTINGS or dotted in IDENTITY_FIELDS:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_settings(a, b, dotted + ".")
+        elif a != b:
+            out.append(f"{dotted}: {a!r} -> {b!r}")
+    return out
 
 
 def _rng_state() -> dict:

@@ -26,6 +26,11 @@ loading a second copy. source_id = "synthetic:<prompt index>".
 Digest: sha256 of `describe()`: every generation setting, the prompt list (by its sha256), the scorer
 names and the generating model's refs and weights digest (`weights_digest(..., generation=True)`,
 UNet included). Scorer weights are identified by name only.
+
+Held-out captions (`diffalign.toy.scenes.HELD_OUT`, the prompt set 'toy-held-out') never become training data: they
+are refused unless `evaluation_only` is set, which makes an evaluation-only cache (`describe()` then says so, so
+its digest differs from any training cache's; the manifest is marked and training refuses it,
+`diffalign.data.manifest.refuse_evaluation_only`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from diffalign.data.errors import DataError
 from diffalign.data.identity import weights_digest
 from diffalign.data.sources.base import SourceItem, validate_item
 from diffalign.models.devices import Moves
+from diffalign.models.quiet import quiet_loading
 from diffalign.models.sampling import sample_images
 from diffalign.randomness import seed63
 from diffalign.rewards import win_rate_phi
@@ -64,25 +70,31 @@ def image_seed(seed: int, prompt_index: int, k: int) -> int:
 
 
 def builtin_prompts(name: str) -> list[str]:
-    """The captions of a built-in training prompt set (`diffalign.config.PROMPT_SETS`)."""
+    """The captions of a built-in prompt set (`diffalign.config.PROMPT_SETS`, or `EVAL_ONLY_PROMPT_SETS`)."""
     if name == "toy-train":
         from diffalign.toy.scenes import TRAIN
 
         return [spec.caption for spec in TRAIN]
+    if name == "toy-held-out":
+        from diffalign.toy.scenes import HELD_OUT
+
+        return [spec.caption for spec in HELD_OUT]
     raise ConfigError(f"data.source.prompts: unknown prompt set {name!r}; built-in sets: {', '.join(PROMPT_SETS)}")
 
 
 def resolve_prompts(cfg: SyntheticSource) -> list[str]:
-    """The source's prompts, capped at `num_prompts`; held-out evaluation captions are refused as training data."""
+    """The source's prompts, capped at `num_prompts`; held-out evaluation captions are refused as training data
+    (allowed with `evaluation_only`, whose cache training refuses)."""
     from diffalign.toy.scenes import HELD_OUT
 
     prompts = builtin_prompts(cfg.prompts) if isinstance(cfg.prompts, str) else list(cfg.prompts)
     held = {spec.caption for spec in HELD_OUT}
     leaked = [p for p in prompts if p.strip().lower() in held]
-    if leaked:
+    if leaked and not cfg.evaluation_only:
         raise ConfigError(
             f"data.source.prompts: {len(leaked)} prompt(s) are held-out evaluation captions (e.g. {leaked[0]!r}); held-out captions "
-            "are for evaluation only and may never become preference data"
+            "are for evaluation only and may never become preference data (data.source.evaluation_only = true builds a cache "
+            "that only evaluation may read)"
         )
     return prompts[: cfg.num_prompts] if cfg.num_prompts is not None else prompts
 
@@ -133,12 +145,14 @@ def _float32(module: torch.nn.Module):
     """Run `module` in float32 (the cache builder may hold an fp16-safe VAE in half precision)."""
     was = next(module.parameters()).dtype
     if was != torch.float32:
-        module.to(dtype=torch.float32)
+        with quiet_loading():
+            module.to(dtype=torch.float32)
     try:
         yield
     finally:
         if was != torch.float32:
-            module.to(dtype=was)
+            with quiet_loading():
+                module.to(dtype=was)
 
 
 class SyntheticGenerator:
@@ -197,6 +211,8 @@ class SyntheticGenerator:
                     "weights": weights_digest(m, generation=True),
                 },
             }
+            if c.evaluation_only:  # recorded only when set, so the digests of training caches stay as they were
+                self._description["evaluation_only"] = True
         return self._description
 
     def digest(self) -> str:

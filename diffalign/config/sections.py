@@ -103,7 +103,25 @@ PROMPT_SETS = {"toy-train": "the training captions of the toy world (diffalign.t
 EVAL_ONLY_PROMPT_SETS = {"toy-held-out": "the toy world's held-out captions (diffalign.toy.scenes.HELD_OUT)"}
 
 
-class SyntheticSource(Section):
+class _ScorerList(Section):
+    """A section with `scorers` and `scorer_options`: each scorer listed once, options only for listed scorers."""
+
+    @field_validator("scorers", check_fields=False)
+    @classmethod
+    def _scorers_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each scorer may be listed once")
+        return v
+
+    @model_validator(mode="after")
+    def _check_scorer_options(self):
+        stray = sorted(set(self.scorer_options) - set(self.scorers))
+        if stray:
+            raise ValueError(f"scorer_options for {', '.join(map(repr, stray))}, which `scorers` does not list ({', '.join(self.scorers)})")
+        return self
+
+
+class SyntheticSource(_ScorerList):
     kind: Literal["synthetic"] = Field(
         "synthetic",
         description="Source type tag: sample K images per prompt from a model, score them with reward models and use the "
@@ -169,20 +187,6 @@ class SyntheticSource(Section):
         elif not v:
             raise ValueError("needs at least one prompt")
         return v
-
-    @field_validator("scorers")
-    @classmethod
-    def _scorers_once(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("each scorer may be listed once")
-        return v
-
-    @model_validator(mode="after")
-    def _check_scorer_options(self):
-        stray = sorted(set(self.scorer_options) - set(self.scorers))
-        if stray:
-            raise ValueError(f"scorer_options for {', '.join(map(repr, stray))}, which `scorers` does not list ({', '.join(self.scorers)})")
-        return self
 
 
 SOURCE_CONFIGS = (PickapicSource, FolderSource, DemoSource, SyntheticSource)
@@ -337,7 +341,7 @@ class LogConfig(Section):
     progress: bool = Field(True, description="Show a progress bar with ETA.")
 
 
-class EvalConfig(Section):
+class EvalConfig(_ScorerList):
     validation_every: int = Field(
         0, ge=0, description="Render a validation grid (and score it with `scorers`) every N optimizer steps (0 = off); with and "
         "without the adapter for LoRA."
@@ -366,20 +370,6 @@ class EvalConfig(Section):
         description="Options per validation scorer, e.g. {pickscore: {path: /models/PickScore_v1}}; weight files left out are "
         "looked up in $DIFFALIGN_WEIGHTS under their release names (docs/scorers.md).",
     )
-
-    @field_validator("scorers")
-    @classmethod
-    def _scorers_once(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("each scorer may be listed once")
-        return v
-
-    @model_validator(mode="after")
-    def _check_scorer_options(self):
-        stray = sorted(set(self.scorer_options) - set(self.scorers))
-        if stray:
-            raise ValueError(f"scorer_options for {', '.join(map(repr, stray))}, which `scorers` does not list ({', '.join(self.scorers)})")
-        return self
 
 
 # ---------------------------------------------------------------------------------------------- root

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-STREAMS = ("timestep", "noise", "latent", "caption_dropout", "flip")
+STREAMS = ("timestep", "noise", "latent", "caption_dropout", "flip", "inversion", "image_noise", "discounted_timestep")
 _MASK63 = (1 << 63) - 1
 
 

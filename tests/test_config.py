@@ -352,7 +352,7 @@ def test_missing_source_path_is_named(tmp_path):
 
 
 def test_missing_source_kind_is_named():
-    with pytest.raises(ConfigError, match=r"data\.source\.kind: required key is missing \(one of: pickapic, folder, demo, synthetic\)"):
+    with pytest.raises(ConfigError, match=r"data\.source\.kind: required key is missing \(one of: pickapic, folder, hpdv2, demo, synthetic\)"):
         validate_config({"data": {"source": {"path": "x"}}})
 
 

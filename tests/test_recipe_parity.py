@@ -125,6 +125,10 @@ NOT_OFFICIAL = {
     "tiny_sdxl_dpo": "toy",
     "toy/dpo": "toy",
     "toy/sft": "toy",
+    "toy/inpo": "toy",
+    "toy/smpo": "toy",
+    "toy/rankdpo": "toy",
+    "toy/dense": "toy",
     "toy_eval_heldout": "toy",
 }
 _RECIPE = re.compile(r"^# Recipe: (official|reconstructed|toy)\b", re.M)

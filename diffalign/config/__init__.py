@@ -18,7 +18,17 @@ from diffalign.config.loading import (
     shipped_configs,
     validate_config,
 )
-from diffalign.config.methods import BETA_CONVENTION, METHOD_CONFIGS, DPOMethod, SFTMethod, uses_beta
+from diffalign.config.methods import (
+    BETA_CONVENTION,
+    METHOD_CONFIGS,
+    DenseMethod,
+    DPOMethod,
+    InPOMethod,
+    RankDPOMethod,
+    SFTMethod,
+    SmPOMethod,
+    uses_beta,
+)
 from diffalign.config.schema import Config, MethodConfig
 from diffalign.config.sections import (
     EVAL_ONLY_PROMPT_SETS,
@@ -29,6 +39,7 @@ from diffalign.config.sections import (
     EMAConfig,
     EvalConfig,
     FolderSource,
+    Hpdv2Source,
     LogConfig,
     LoraConfig,
     ModelConfig,
@@ -41,7 +52,8 @@ from diffalign.config.sections import (
 
 __all__ = [
     "BETA_CONVENTION", "BUILTIN_TINY_SD15", "BUILTIN_TINY_SDXL", "BUILTIN_TOY", "Config", "ConfigError", "DPOMethod", "DataConfig",
-    "DemoSource", "EMAConfig", "EVAL_ONLY_PROMPT_SETS", "EvalConfig", "FolderSource", "LogConfig", "LoraConfig", "METHOD_CONFIGS",
+    "DenseMethod", "InPOMethod", "RankDPOMethod", "SmPOMethod",
+    "DemoSource", "EMAConfig", "EVAL_ONLY_PROMPT_SETS", "EvalConfig", "FolderSource", "Hpdv2Source", "LogConfig", "LoraConfig", "METHOD_CONFIGS",
     "MethodConfig", "ModelConfig", "OptimConfig", "PROMPT_SETS", "PickapicSource", "SFTMethod", "SOURCE_CONFIGS", "Section",
     "SourceConfig", "SyntheticSource", "TrainConfig", "apply_overrides", "dump_config", "load_config", "parse_override", "read_yaml",
     "shipped_config_path", "shipped_configs", "uses_beta", "validate_config",

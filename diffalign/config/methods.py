@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from diffalign.config.base import Section
 
@@ -28,23 +28,135 @@ BETA_CONVENTION = (
 )
 
 
-class DPOMethod(Section):
-    name: Literal["dpo"] = Field("dpo", description="Method tag: Diffusion-DPO (Wallace et al., 2023, arXiv:2311.12908).")
-    beta: float = Field(
-        5000.0,
-        gt=0,
-        description="β in loss = -log σ(-β/2·Δ), Δ = (e_θ(w)-e_ref(w)) - (e_θ(l)-e_ref(l)), e = per-sample MSE mean over C,H,W. "
-        "Official: 5000 (SD1.5 paper value 2000). Typical range 2000-5000.",
+_BETA = (
+    "β in loss = -log σ(-β/2·Δ), Δ = (e_θ(w)-e_ref(w)) - (e_θ(l)-e_ref(l)), e = per-sample MSE mean over C,H,W. "
+)
+
+
+class PairwiseLabelNoise(Section):
+    """Label-noise-robust training, a field set of the shared pairwise objective (`diffalign.objectives.pairwise_loss`)."""
+
+    label_noise: Literal["none", "conservative", "unbiased"] = Field(
+        "none",
+        description="Robustness to flipped preference labels: 'conservative' smoothing (cDPO, Mitchell 2023: (1-ε)·ℓ(w,l) + "
+        "ε·ℓ(l,w)) or the 'unbiased' robust loss (rDPO, Chowdhury et al. 2024: [(1-ε)·ℓ(w,l) - ε·ℓ(l,w)] / (1-2ε), its logit "
+        "clamped at `logit_limit`). Soft labels p become (1-ε)p + ε(1-p) and (p-ε)/(1-2ε).",
     )
+    noise_rate: float = Field(0.0, ge=0, lt=0.5, description="ε: the assumed rate of flipped labels (typical 0.05-0.2; < ½).")
+    logit_limit: float = Field(
+        10.0,
+        gt=0,
+        description="label_noise = unbiased: the logit is clamped at this size on the side where the loss is unbounded below "
+        "(beyond it that side's gradient is 0; σ(10) = 1 - 4.5e-5, where plain DPO's gradient is already negligible).",
+    )
+
+    @model_validator(mode="after")
+    def _rate_needs_a_model(self):
+        if self.noise_rate > 0 and self.label_noise == "none":
+            raise ValueError("noise_rate > 0 needs label_noise: conservative or unbiased")
+        return self
+
+
+class Inversion(Section):
+    """How a latent reaches the training level t by inverting the sampler instead of forward noising (InPO, SmPO)."""
+
+    inversion_steps: int = Field(10, ge=1, description="DDIM inversion grid points over [0, T) (InPO 10; SmPO 10 for SDXL, 5 for SD1.5).")
+    inversion_model: Literal["policy", "reference"] = Field(
+        "policy", description="UNet that inverts (no gradient, no CFG): the trained 'policy' as the official code, or the 'reference'."
+    )
+    grid_semantics: Literal["official", "exact"] = Field(
+        "exact",
+        description="'official': diffusers 0.20's rolled grid as the official code (the UNet sees t = -99 first; the latent reaches "
+        "the smallest grid level >= t, capped at 901, yet trains at t with τ back-solved at ᾱ_t); 'exact' (default): the same "
+        "steps, the last one ending at t, so τ is the noise the latent really carries (under 'official' a forward-noised latent "
+        "at t = 50 gives τ ≈ 1.5·ε). The official recipes use 'official'.",
+    )
+
+
+class DPOMethod(PairwiseLabelNoise):
+    name: Literal["dpo"] = Field("dpo", description="Method tag: Diffusion-DPO (Wallace et al., 2023, arXiv:2311.12908).")
+    beta: float = Field(5000.0, gt=0, description=_BETA + "Official: 5000 (SD1.5 paper value 2000). Typical range 2000-5000.")
 
 
 class SFTMethod(Section):
     name: Literal["sft"] = Field("sft", description="Method tag: supervised fine-tuning on the preferred image only (the official `--sft` baseline).")
 
 
+class InPOMethod(PairwiseLabelNoise, Inversion):
+    name: Literal["inpo"] = Field(
+        "inpo", description="Method tag: DDIM-InPO (Lu et al., CVPR 2025, arXiv:2503.18454): the DPO loss on DDIM-inverted latents."
+    )
+    beta: float = Field(2000.0, gt=0, description=_BETA + "Official: 2000 (SD1.5), 5000 (SDXL).")
+    inversion_eta: float = Field(0.1, ge=0, description="Noise injected after each inversion step, times the DDPM σ (official 0.1).")
+
+
+class SmPOMethod(Inversion):
+    name: Literal["smpo"] = Field(
+        "smpo",
+        description="Method tag: SmPO-Diffusion (Lu et al., ICML 2025, arXiv:2506.02698): the DPO logit times γ(2p-1), p the "
+        "smoothed reward preference, on ReNoise-inverted latents.",
+    )
+    beta: float = Field(2000.0, gt=0, description=_BETA + "Official: 2000 (SD1.5), 5000 (SDXL).")
+    gamma: float = Field(10.0, gt=0, description="γ, the sensitivity: the logit multiplier is γ(2p-1) (official 10, hard-coded).")
+    reward: str | None = Field(
+        None,
+        description="The per-scorer score (a scorer name in the cache's per-scorer scores) that orders the pair and sets p; null = "
+        "the item's `scores`.",
+    )
+    score_bounds: tuple[float, float] | None = Field(
+        None,
+        description="(low, high) of the min-max normalisation r' = (s-low)/(high-low); official (0.11543526500463486, "
+        "0.28201571106910706) on raw PickScore cosines = (11.54, 28.20) on our ×100 PickScore. null = the cache's score range.",
+    )
+    label_source: Literal["reward", "human"] = Field(
+        "reward",
+        description="'reward': the pair is ordered by the reward, the human label only drops ties (official); 'human': ordered by "
+        "the data's label, p from the reward (p < ½ when they disagree).",
+    )
+
+
+class RankDPOMethod(Section):
+    name: Literal["rankdpo"] = Field(
+        "rankdpo",
+        description="Method tag: RankDPO (Karthik et al., arXiv:2410.18013; reconstructed from the paper's algorithm box): "
+        "DCG-weighted pairwise DPO terms over all K images of an item.",
+    )
+    beta: float = Field(
+        5000.0, gt=0, description=_BETA + "The paper's loss has no ½ (β_paper = β/2 here), so K = 2 is Δ_12 × Diffusion-DPO at this β."
+    )
+    log_base: float = Field(2.0, gt=1, description="b in the discount D(r) = log_b(1 + r) (DCG convention; illegible in the source).")
+    discount_ranks: Literal["label", "model"] = Field(
+        "label",
+        description="Ranks for the discount: from φ ('label', the algorithm box) or from the current model's implicit scores "
+        "('model', the paper's figure 2).",
+    )
+    reduction: Literal["sum", "mean"] = Field("sum", description="Sum or mean of the weighted pair terms of an item (unknown in the paper).")
+    noise: Literal["shared", "per_image"] = Field("shared", description="One ε shared by the K images (as Diffusion-DPO) or one per image.")
+
+
+class DenseMethod(PairwiseLabelNoise):
+    name: Literal["dense"] = Field(
+        "dense",
+        description="Method tag: dense-reward temporal discounting (Yang et al., ICML 2024, arXiv:2402.08265) in an offline form "
+        "(reconstructed: the official code is online): early (noisy) reverse-chain steps weigh more.",
+    )
+    beta: float = Field(5000.0, gt=0, description=_BETA + "No official value for the offline form.")
+    gamma: float = Field(0.9, gt=0, le=1, description="γ, the discount per reverse-chain step (official 0.9).")
+    num_steps: int = Field(50, ge=1, description="Reverse-chain grid: step k of a num_steps DDIM chain (official 50; k = 0 is the noisiest).")
+    variant: Literal["weighted", "sampled"] = Field(
+        "weighted",
+        description="'weighted': the DPO logit times γ^k inside σ; 'sampled': t drawn with probability ∝ γ^k(t) and the plain DPO "
+        "loss (the official code samples steps ∝ γ^k). Different objectives.",
+    )
+
+
 METHOD_CONFIGS: dict[str, type[Section]] = {
     "dpo": DPOMethod,
     "sft": SFTMethod,
+    "inpo": InPOMethod,
+    "smpo": SmPOMethod,
+    "rankdpo": RankDPOMethod,
+    "dense": DenseMethod,
 }
 
 

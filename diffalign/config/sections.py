@@ -92,6 +92,19 @@ class FolderSource(Section):
     )
 
 
+class Hpdv2Source(Section):
+    kind: Literal["hpdv2"] = Field(
+        "hpdv2", description="Source type tag: Human Preference Dataset v2 (HPSv2, Wu et al. 2023) annotation json + image folder."
+    )
+    path: str = Field(
+        ...,
+        description="The official annotation file (train.json or test.json): a JSON list of items with 'prompt' and the image file "
+        "names ('image_path', or 'file_path' as the HPSv2 training code reads train.json); train items carry 'human_preference' "
+        "(one 1 for the preferred image) and become pairs, test items carry 'rank' (lower = better) and become ranked lists.",
+    )
+    root: str = Field(..., description="The image folder the file names are relative to (the extracted train/ or test/ folder).")
+
+
 class DemoSource(Section):
     kind: Literal["demo"] = Field("demo", description="Source type tag: the built-in synthetic preference set.")
     num_pairs: int = Field(64, ge=1, description="Pairs in the built-in synthetic preference set (caption-matching colour preferred).")
@@ -189,13 +202,13 @@ class SyntheticSource(_ScorerList):
         return v
 
 
-SOURCE_CONFIGS = (PickapicSource, FolderSource, DemoSource, SyntheticSource)
+SOURCE_CONFIGS = (PickapicSource, FolderSource, Hpdv2Source, DemoSource, SyntheticSource)
 SourceConfig = Annotated[Union[SOURCE_CONFIGS], Field(discriminator="kind")]
 
 
 class DataConfig(Section):
     source: SourceConfig = Field(
-        default_factory=DemoSource, description="Where the preference data comes from (`kind`: pickapic, folder, demo, synthetic)."
+        default_factory=DemoSource, description="Where the preference data comes from (`kind`: pickapic, folder, hpdv2, demo, synthetic)."
     )
     cache_dir: str = Field("outputs/cache", description="Latent-pair cache directory written by `diffalign prepare` and read by training.")
     resolution: int = Field(64, ge=8, description="Training resolution (square): images are resized so the short side matches, then cropped.")
@@ -260,11 +273,49 @@ class DataConfig(Section):
     encode_batch_size: int = Field(8, ge=1, description="Images per VAE forward while preparing.")
     decode_workers: int = Field(2, ge=1, description="Threads decoding images while preparing.")
     max_items: int | None = Field(None, ge=1, description="Use only the first N source items (quick experiments).")
+    scores: list[str] = Field(
+        default_factory=list,
+        description="Reward models by registry name (`diffalign.scorers.available()`) that `diffalign prepare` runs on every source "
+        "image of the cache (decoded as stored, at its original resolution; no crop or flip) once the latents are complete. Each "
+        "scorer's per-image scores go to their own files beside the latents (<cache_dir>/scores/<scorer>/, one per shard, "
+        "resumable; docs/score_files.md), so adding a scorer never re-encodes or touches the latents or another scorer's files. "
+        "Training reads them as `extra_scores[<scorer>]`. Not part of the cache identity: each scorer's files carry their own "
+        "(scorer_identity: options and weight fingerprints), and files that do not match the config are refused.",
+    )
+    score_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Options per scorer of `scores`, e.g. {pickscore: {path: /models/PickScore_v1, device: cuda}}; weight files left "
+        "out are looked up in $DIFFALIGN_WEIGHTS under their release names (docs/scorers.md). Model scorers run on the GPU when "
+        "there is one unless a `device` is given.",
+    )
+    score_batch_size: int = Field(
+        32, ge=1, description="Images per scorer call while scoring the cache (whole items; a shard's batches are the same on a resume)."
+    )
+    reward_scorer: str | None = Field(
+        None,
+        description="A scorer of `scores` (or of a synthetic source's `scorers`) whose 'overall' scores become each item's `scores`, "
+        "the reward of methods that need one (and what `min_score_gap` measures when the source has no per-scorer scores). The "
+        "trained pair still follows the source's own label, ranks or scores. null: `scores` are the source's.",
+    )
 
     @model_validator(mode="after")
     def _check_flip_at(self):
         if self.flip_at == "train" and not self.random_flip:
             raise ValueError("flip_at = 'train' needs random_flip: true (without random flips there is no orientation to draw)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_scores(self):
+        if len(set(self.scores)) != len(self.scores):
+            raise ValueError(f"scores: each scorer may be listed once ({', '.join(self.scores)})")
+        stray = sorted(set(self.score_options) - set(self.scores))
+        if stray:
+            raise ValueError(f"score_options for {', '.join(map(repr, stray))}, which `scores` does not list ({', '.join(self.scores) or 'none'})")
+        if self.reward_scorer is not None:
+            known = [*self.scores, *getattr(self.source, "scorers", [])]
+            if self.reward_scorer not in known:
+                raise ValueError(f"reward_scorer {self.reward_scorer!r} is not a scorer of data.scores or of the synthetic source's "
+                                 f"scorers ({', '.join(known) or 'none'})")
         return self
 
 

@@ -9,6 +9,8 @@ Layout of ``data.cache_dir``::
     shards/NNNNN.parquet       index rows of the shard's items; written last = the shard's commit
     text_empty.safetensors     the "" caption's prompt_embeds (L, D) [+ pooled (D2,)], for caption dropout
     manifest.json              written last, atomically: the cache is complete (`diffalign.data.manifest`)
+    scores/<scorer>/...        reward scores of the source images (`data.scores`), added after the manifest by
+                               `diffalign.data.scores`; never part of the latents' identity
 
 Shard s always covers source items [s·shard_size, (s+1)·shard_size) and VAE batches never cross a
 shard, so a build killed at any point and rerun keeps the committed shards, discards the rest and
@@ -20,11 +22,8 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -33,6 +32,8 @@ from diffalign.config import Config
 from diffalign.data.errors import CorruptImageError, DataError
 from diffalign.data.images import PlacedImage, prepare_images
 from diffalign.data.manifest import BUILD, MANIFEST, TEXT_EMPTY, build_manifest, check_cache, compare_identity, expected_identity, read_json
+from diffalign.data.prefetch import ordered_map
+from diffalign.data.scores import score_cache
 from diffalign.data.shards import committed_shards, discard_uncommitted, read_index, write_shard
 from diffalign.data.sources import SourceItem, open_source
 from diffalign.io import atomic_write_text, save_safetensors
@@ -42,20 +43,6 @@ from diffalign.models.quiet import quiet_loading
 
 MAX_SKIP_WARNINGS = 20
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _ordered_map(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterator[tuple]:
-    """(x, fn(x)) in input order, computing up to `ahead` results in a thread pool."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        for x in items:
-            pending.append((x, pool.submit(fn, x)))
-            if len(pending) >= ahead:
-                x0, fut = pending.popleft()
-                yield x0, fut.result()
-        while pending:
-            x0, fut = pending.popleft()
-            yield x0, fut.result()
 
 
 class _Builder:
@@ -179,7 +166,7 @@ class _Builder:
         bar = tqdm(total=total, initial=min(first, total or first), unit="item", desc=desc, disable=not progress)
         self.cur = None
         try:
-            for (item_id, item), result in _ordered_map(self._decode, stream, d.decode_workers, ahead):
+            for (item_id, item), result in ordered_map(self._decode, stream, d.decode_workers, ahead):
                 if self.cur is not None and item_id // d.shard_size != self.shard:
                     self.commit()
                     self.cur = None
@@ -202,11 +189,12 @@ def prepare_cache(cfg: Config, components: Components | None = None, progress: b
     there is one, and go back where they were afterwards; the VAE encodes in
     `vae_encode_dtype(cfg.model, cfg.train.mixed_precision)`. A synthetic source whose generating model is
     `cfg.model` samples with these components (so they must be the base model, without trained adapters)
-    instead of loading a second copy.
+    instead of loading a second copy. Then, with `data.scores`, the scorers whose scores are missing or unfinished
+    score the source images beside the latents (`diffalign.data.scores.score_cache`; complete ones are verified).
     """
     root = Path(cfg.data.cache_dir)
     if (root / MANIFEST).is_file():
-        check_cache(cfg, components)
+        score_cache(cfg, check_cache(cfg, components), progress)  # data.scores: scores missing beside the latents, if any
         return root
     source = open_source(cfg.data.source, cfg)
     if root.exists() and not (root / BUILD).is_file() and any(not p.name.startswith(".") for p in root.iterdir()):
@@ -252,4 +240,5 @@ def prepare_cache(cfg: Config, components: Components | None = None, progress: b
                 close()
     manifest = build_manifest(cfg, components, root, identity, source)
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    score_cache(cfg, manifest, progress)
     return root

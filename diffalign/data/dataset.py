@@ -14,8 +14,11 @@ Item ``i`` gives:
   the (winner slot, loser slot, P(winner preferred)) a pairwise method trains on, both decided in one place
   (`diffalign.data.pairing`);
 - ``scores`` (K,) float32, NaN when absent; for a synthetic cache, the Syn-Pic φ recomputed from the raw
-  per-scorer scores with ``data.phi_ties`` ('half' reproduces the stored φ; 'strict' counts strict wins);
-- ``extra_scores`` {scorer: (K,) float32}: each scorer's raw scores (NaN where an item has none).
+  per-scorer scores with ``data.phi_ties`` ('half' reproduces the stored φ; 'strict' counts strict wins); with
+  ``data.reward_scorer``, that scorer's 'overall' scores instead (ranks and the trained pair stay the source's);
+- ``extra_scores`` {scorer: (K,) float32}: each scorer's raw scores (NaN where an item has none): a synthetic
+  source's own, and the 'overall' scores of every scorer of ``data.scores`` (`diffalign.data.scores`, verified
+  against the config's scorer identity when the dataset is opened).
 ``dataset.extra_scores[name]`` is the same as an (len, K) float32 array aligned with the items.
 Items whose trained pair is tied (label 0.5, or best and worst equal) are dropped unless ``data.ties = 'keep'``;
 with ``data.min_score_gap > 0`` so are items whose pair differs by less than that in raw score (`score_gaps`). Shards are opened lazily with
@@ -41,6 +44,7 @@ from diffalign.data.errors import CacheIncompleteError, CacheMismatchError, Data
 from diffalign.data.identity import diff_identity
 from diffalign.data.manifest import MANIFEST, TEXT_EMPTY, format_error
 from diffalign.data.pairing import item_ranks, trained_pairs
+from diffalign.data.scores import load_scores
 from diffalign.data.shards import fixed_lists, read_index, tensors_path
 from diffalign.rewards import phi
 
@@ -109,6 +113,14 @@ class LatentPairDataset(torch.utils.data.Dataset):
         self._ranks = item_ranks(label, fixed_lists(t.column("ranks"), k, np.int64, -1), scores)
         winner, loser, self._pair_label = trained_pairs(label, self._ranks)
         self._pair = np.stack([winner, loser], axis=1)
+        self._source_scorers = list(raw)  # the source's own per-scorer scores: what min_score_gap measures
+        rows_per_shard = np.bincount(self._shard, minlength=shards)
+        self.extra_scores.update(load_scores(self.root, self.manifest, data_cfg.scores, data_cfg.score_options, rows_per_shard))
+        if data_cfg.reward_scorer is not None:  # the reward of methods that need one; the trained pair stays the source's
+            if data_cfg.reward_scorer not in self.extra_scores:
+                have = ", ".join(self.extra_scores) or "none"
+                raise DataError(f"data.reward_scorer: the cache at {self.root} has no scores of {data_cfg.reward_scorer!r} (it has: {have})")
+            self._scores = self.extra_scores[data_cfg.reward_scorer].copy()
         keep = np.ones(len(label), dtype=bool) if data_cfg.ties == "keep" else self._pair_label != 0.5
         if data_cfg.min_score_gap > 0:
             gaps = self.score_gaps()
@@ -121,12 +133,21 @@ class LatentPairDataset(torch.utils.data.Dataset):
         self.extra_scores = {name: v[keep] for name, v in self.extra_scores.items()}
 
     def score_gaps(self) -> np.ndarray:
-        """(len,) raw score of each item's trained winner minus its loser, averaged over its scorers; the item's
-        `scores` when it has no per-scorer scores; NaN when it has neither."""
+        """(len,) raw score of each item's trained winner minus its loser, averaged over the source's own scorers (synthetic);
+        the item's `scores` (the `data.reward_scorer`'s when set) when the source has no per-scorer scores; NaN when it has neither."""
         rows, (winner, loser) = np.arange(len(self._pair)), self._pair.T
-        tables = list(self.extra_scores.values()) or [self._scores]
+        tables = [self.extra_scores[name] for name in self._source_scorers] or [self._scores]
         gaps = np.stack([t[rows, winner] - t[rows, loser] for t in tables])  # (scorers, n)
         return gaps.mean(axis=0)
+
+    def score_table(self, scorer: str | None = None) -> np.ndarray:
+        """(len, K) float32: one scorer's raw per-image scores, or the items' `scores` (φ for a synthetic cache) when None."""
+        if scorer is None:
+            return self._scores
+        if scorer not in self.extra_scores:
+            have = ", ".join(self.extra_scores) or "none"
+            raise DataError(f"the cache at {self.root} has no per-scorer scores of {scorer!r} (it has: {have})")
+        return self.extra_scores[scorer]
 
     def __len__(self) -> int:
         return len(self._item_id)

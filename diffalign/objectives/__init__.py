@@ -3,7 +3,32 @@
 Each module documents its paper's equation and the official code's convention.
 """
 
-from diffalign.objectives.dpo import DPOLoss, dpo_loss
+from diffalign.objectives.dense import dense_dpo_loss, dense_logit_weight, discounted_timestep_probs, step_index
+from diffalign.objectives.dpo import LOGIT_LIMIT, DPOLoss, dpo_logits, dpo_loss, effective_label, pairwise_loss
+from diffalign.objectives.rankdpo import RankDPOLoss, rank_positions, rankdpo_loss, rankdpo_pair_weights
 from diffalign.objectives.sft import sft_loss
+from diffalign.objectives.smpo import PICKSCORE_HIGH, PICKSCORE_LOW, PICKSCORE_RAW_HIGH, PICKSCORE_RAW_LOW, smpo_loss, smpo_probability
 
-__all__ = ["DPOLoss", "dpo_loss", "sft_loss"]
+__all__ = [
+    "DPOLoss",
+    "LOGIT_LIMIT",
+    "PICKSCORE_HIGH",
+    "PICKSCORE_LOW",
+    "PICKSCORE_RAW_HIGH",
+    "PICKSCORE_RAW_LOW",
+    "RankDPOLoss",
+    "dense_dpo_loss",
+    "dense_logit_weight",
+    "step_index",
+    "discounted_timestep_probs",
+    "dpo_logits",
+    "dpo_loss",
+    "effective_label",
+    "pairwise_loss",
+    "rank_positions",
+    "rankdpo_loss",
+    "rankdpo_pair_weights",
+    "sft_loss",
+    "smpo_loss",
+    "smpo_probability",
+]

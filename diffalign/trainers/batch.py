@@ -38,6 +38,11 @@ class Cond:
         move = lambda x: None if x is None else x.to(device, dtype)  # noqa: E731
         return Cond(move(self.prompt_embeds), move(self.pooled), move(self.time_ids))
 
+    def select(self, rows: torch.Tensor) -> "Cond":
+        """The conditioning of the given rows only."""
+        pick = lambda x: None if x is None else x[rows.to(x.device)]  # noqa: E731
+        return Cond(pick(self.prompt_embeds), pick(self.pooled), pick(self.time_ids))
+
     def unet_kwargs(self) -> dict:
         kw = {"encoder_hidden_states": self.prompt_embeds}
         if self.pooled is not None:

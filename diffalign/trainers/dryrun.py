@@ -100,7 +100,8 @@ def _timing_config(cfg: Config, cache_ready: bool, tmp: Path, micro_batches: int
         return Config.model_validate(data), f"the real cache ({cfg.data.cache_dir})"
     pairs = cfg.train.batch_size * (micro_batches + 1)
     data["data"].update(source={"kind": "demo", "num_pairs": pairs, "image_size": cfg.data.resolution},
-                        cache_dir=str(tmp / "cache"), max_items=None, min_score_gap=0.0, ties="keep")
+                        cache_dir=str(tmp / "cache"), max_items=None, min_score_gap=0.0, ties="keep", scores=[], score_options={},
+                        reward_scorer=None)
     return Config.model_validate(data), f"{pairs} built-in demo pairs at {cfg.data.resolution} px (the real cache is not ready)"
 
 

@@ -123,6 +123,8 @@ class PreferenceTrainer:
         self.dataset = LatentPairDataset(cfg.data.cache_dir, cfg.data, manifest=self.manifest)
         if len(self.dataset) == 0:
             raise TrainingError(f"data: no usable items in {cfg.data.cache_dir} (ties dropped: data.ties = {cfg.data.ties})")
+        if hasattr(self.method, "use_data"):  # a method that needs whole-cache statistics (e.g. SmPO's score range)
+            self.method.use_data(self.dataset)
 
         # 2. the trained UNet; the reference is made BEFORE any checkpoint is loaded, so it stays the base (or the
         #    previous output of `model.init_from`, merged after the cache, which always comes from `model.pretrained`)

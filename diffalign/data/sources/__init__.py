@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from diffalign.config import DemoSource, FolderSource, PickapicSource, SyntheticSource
+from diffalign.config.sections import Hpdv2Source
 from diffalign.data.errors import DataError
 from diffalign.data.sources.base import Source, SourceItem, validate_item
 from diffalign.data.sources.demo import DemoPairs, write_demo_parquet
 from diffalign.data.sources.folder import FolderJsonl
+from diffalign.data.sources.hpdv2 import Hpdv2Json
 from diffalign.data.sources.pickapic import PickapicParquet
 from diffalign.data.sources.synthetic import SyntheticGenerator, win_rate_phi
 
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
     from diffalign.config import Config
 
 
-def open_source(cfg: PickapicSource | FolderSource | DemoSource | SyntheticSource, config: "Config | None" = None) -> Source:
+def open_source(cfg: PickapicSource | FolderSource | Hpdv2Source | DemoSource | SyntheticSource, config: "Config | None" = None) -> Source:
     """The source described by `data.source`; raises `DataError` for missing paths or columns.
 
     `config` (the whole config) is needed by the synthetic source: its default generating model is
@@ -26,6 +28,8 @@ def open_source(cfg: PickapicSource | FolderSource | DemoSource | SyntheticSourc
         return PickapicParquet(cfg.path)
     if isinstance(cfg, FolderSource):
         return FolderJsonl(cfg.root, cfg.jsonl)
+    if isinstance(cfg, Hpdv2Source):
+        return Hpdv2Json(cfg.path, cfg.root)
     if isinstance(cfg, DemoSource):
         return DemoPairs(cfg.num_pairs, cfg.image_size, cfg.seed)
     if isinstance(cfg, SyntheticSource):
@@ -38,6 +42,7 @@ def open_source(cfg: PickapicSource | FolderSource | DemoSource | SyntheticSourc
 __all__ = [
     "DemoPairs",
     "FolderJsonl",
+    "Hpdv2Json",
     "PickapicParquet",
     "Source",
     "SourceItem",

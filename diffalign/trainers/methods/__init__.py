@@ -7,12 +7,20 @@ its config section and declares its `Needs` (`base.py`). docs/adding_a_method.md
 from __future__ import annotations
 
 from diffalign.trainers.methods.base import Method, Metrics, Needs, OnlineMethod
+from diffalign.trainers.methods.dense import Dense
 from diffalign.trainers.methods.dpo import DPO
+from diffalign.trainers.methods.inpo import InPO
+from diffalign.trainers.methods.rankdpo import RankDPO
 from diffalign.trainers.methods.sft import SFT
+from diffalign.trainers.methods.smpo import SmPO
 
 METHODS: dict[str, type] = {
     "dpo": DPO,
     "sft": SFT,
+    "inpo": InPO,
+    "smpo": SmPO,
+    "rankdpo": RankDPO,
+    "dense": Dense,
 }
 
 

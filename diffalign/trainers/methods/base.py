@@ -38,6 +38,9 @@ class Method(Protocol):
 
     def loss(self, models: Models, batch: LatentBatch, draws: Draws) -> tuple[torch.Tensor, Metrics]: ...
 
+    # Optional: `use_data(dataset)` is called once with the `LatentPairDataset` before training, for statistics over the
+    # whole cache (SmPO's score range); a method without it never sees the dataset.
+
 
 class OnlineMethod(Method, Protocol):
     """A method that samples from the policy during training (`Needs.feed == 'prompts'`)."""

@@ -27,9 +27,16 @@ def denoising_errors(models: Models, batch: LatentBatch, images: torch.Tensor, r
     n = images.shape[1]
     x0, t, noise = batch.x0(images), batch.timesteps(n), batch.shared_noise(n)
     x_t = models.schedule.add_noise(x0, noise, t)
-    target = models.schedule.target(x0, noise, t).to(models.device)
+    return errors_at(models, batch, images, x_t, models.schedule.target(x0, noise, t), t, reference)
+
+
+def errors_at(models: Models, batch: LatentBatch, images: torch.Tensor, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+              reference: bool = True) -> Errors:
+    """Errors of the chosen images' rows (image-major, n·B) at given x_t, target and t: for methods that form x_t another
+    way than forward noising (e.g. by inversion, with the back-solved noise as the target)."""
+    n = images.shape[1]
     cond = batch.cond(images).to(models.device, models.dtype)
-    x_t, t = x_t.to(models.device, models.dtype), t.to(models.device)
+    x_t, t, target = x_t.to(models.device, models.dtype), t.to(models.device), target.to(models.device)
     policy = per_sample_mse(models.policy(x_t, t, cond), target)
     ref = per_sample_mse(models.reference(x_t, t, cond), target) if reference else None
     return Errors(per_image(policy, n), None if ref is None else per_image(ref, n))

@@ -6,7 +6,12 @@
    config `configs/toy/<method>.yaml`.
 3. Evaluate: the same held-out captions and seeds for the base and every aligned model; score with the
    toy checklist; win-rate of aligned over base (ties ½, 95% bootstrap interval clustered by prompt) and
-   mean score change per dimension.
+   mean score change per dimension; when DPO is among the methods, each other method's win-rate over DPO
+   (``vs_dpo``, paired the same way).
+4. Guidance baseline: the base model at its best guidance scale, chosen on TRAINING captions (their own seeds)
+   from `BenchSettings.guidance_grid` by mean checklist score, then sampled on the evaluation set and reported
+   like a method (``best_guidance``); each method's win-rate over it (``vs_best_guidance``) shows whether a gain
+   is more than what higher guidance alone gives.
 
 The report records the hashes of the base weights, the scorer configuration and the held-out split, which
 are frozen before any method is tuned.
@@ -25,7 +30,8 @@ work directory, trains only the methods whose resolved config, data or package s
   (written last, atomically) exists.
 - ``<cache_root>/samples/<sample key>``: the evaluation images of the base model and of each trained model
   (lossless PNG), keyed by the model (base weights digest, or run key), prompts, seeds, sampler settings,
-  source digest and `numerics()`; a model retrained in this run is always sampled again.
+  source digest and `numerics()`; a model retrained in this run is always sampled again. The base model's
+  samples on the guidance-choice captions, one entry per guidance scale, are stored the same way.
 - ``<cache_root>/ledger.jsonl``: one line per held-out run (date, git commit, run keys, win-rates,
   settings), so every reported number can be traced and the number of held-out looks per method counted.
 
@@ -65,6 +71,7 @@ from diffalign.toy.checklist import TOY_CHECKLIST
 from diffalign.toy.scenes import HELD_OUT, TRAIN
 
 SCORER = "toy-checklist"
+BEST_GUIDANCE = "base-best-guidance"  # the samples folder (beside the report) of the base model at its best guidance scale
 
 
 @dataclass
@@ -85,11 +92,18 @@ class BenchSettings:
     cache_root: Path | None = None  # content-keyed data and trained models shared by runs (None: `default_cache_root()`)
     ledger: Path | None = None  # held-out runs append a line here (None: <cache_root>/ledger.jsonl)
     fresh: bool = False  # rebuild the data and retrain every method, replacing their cached entries
+    # The base model at its best guidance scale, a baseline for every method: chosen from this grid by the mean checklist
+    # score on training captions (never held-out ones; `guidance_set`), then evaluated like a method. () leaves it out.
+    guidance_grid: tuple[float, ...] = (1.5, 2.0, 3.0, 4.0, 5.0, 7.5)
+    guidance_prompts: int | None = None  # training captions to choose on, spread over the split (None: all 100)
+    guidance_seeds: int = 2  # samples per training caption and scale (seeds unlike the evaluation's and the data's)
 
 
 # The CI-size configuration (`diffalign bench toy --quick`, tests/test_toybench.py): one ranked list per training
-# caption, 10 DDIM steps, 100 training steps, 2 seeds per held-out caption. It shows the direction, not the number.
-QUICK = dict(train_rounds=1, eval_seeds=2, num_inference_steps=10, max_steps=100)
+# caption, 10 DDIM steps, 100 training steps, 2 seeds per held-out caption, guidance chosen from 3 scales on 50
+# training captions × 1 seed. It shows the direction, not the number.
+QUICK = dict(train_rounds=1, eval_seeds=2, num_inference_steps=10, max_steps=100, guidance_grid=(2.0, 3.0, 5.0), guidance_prompts=50,
+             guidance_seeds=1)
 
 
 def _digest(obj) -> str:
@@ -353,29 +367,61 @@ def append_ledger(path: Path, entry: dict) -> None:
 
 def ledger_entry(report: dict, out: Path) -> dict:
     """The ledger's line for a held-out report: when, which code, which trained models, what they scored."""
-    methods = {name: {"run_key": r["run_key"], "reused": r["reused"], **{k: r[k] for k in ("win_rate", "ci_low", "ci_high", "n")}}
+    keys = ("win_rate", "ci_low", "ci_high", "n")
+    methods = {name: {"run_key": r["run_key"], "reused": r["reused"], **{k: r[k] for k in keys},
+                      **{vs: {k: r[vs][k] for k in keys} for vs in ("vs_dpo", "vs_best_guidance") if vs in r}}
                for name, r in report["methods"].items()}
-    return {"date": _utc_now(), "commit": git_commit(), "report": str(out.resolve()), "hashes": report["hashes"],
-            "methods": methods, "settings": report["settings"]}
+    entry = {"date": _utc_now(), "commit": git_commit(), "report": str(out.resolve()), "hashes": report["hashes"],
+             "methods": methods, "settings": report["settings"]}
+    if "best_guidance" in report:
+        best = report["best_guidance"]
+        entry["best_guidance"] = {"guidance_scale": best["guidance_scale"], **{k: best[k] for k in keys},
+                                  **({"vs_dpo": {k: best["vs_dpo"][k] for k in keys}} if "vs_dpo" in best else {})}
+    return entry
 
 
 def _scores(scorer, images, prompts) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in scorer.score(images, prompts).items()}
 
 
+def _interval(r: dict | None) -> str:
+    return "—" if r is None else f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+
+
 def markdown_table(report: dict) -> str:
+    """One row per method and one for the base model at its best guidance scale; a vs-DPO column when DPO ran, a
+    vs-best-guidance column when the guidance baseline ran ("—": the row's own model)."""
     dims = [d for d in TOY_CHECKLIST.dimensions]
+    best = report.get("best_guidance")
+    with_dpo = "dpo" in report["methods"]
+    versus = ["vs DPO [95% CI]"] * with_dpo + [f"vs base at guidance {best['guidance_scale']:g} [95% CI]"] * (best is not None)
     lines = [
-        "| method | win-rate vs base [95% CI] | n (prompts) | " + " | ".join(f"Δ{d}" for d in dims) + " | Δoverall | train s | eval s |",
-        "|---|---|---|" + "---:|" * (len(dims) + 3),
+        "| method | win-rate vs base [95% CI] | " + "".join(f"{v} | " for v in versus) + "n (prompts) | "
+        + " | ".join(f"Δ{d}" for d in dims) + " | Δoverall | train s | eval s |",
+        "|---|---|" + "---|" * len(versus) + "---|" + "---:|" * (len(dims) + 3),
     ]
+
+    def row(label: str, r: dict, train_seconds: str) -> str:
+        cells = [_interval(r)] + [_interval(r.get("vs_dpo"))] * with_dpo + [_interval(r.get("vs_best_guidance"))] * (best is not None)
+        cells += [f"{r['n']} ({r['prompts']})"] + [f"{r['dims'][d]:+.3f}" for d in dims]
+        cells += [f"{r['dims']['overall']:+.3f}", train_seconds, f"{r['eval_seconds']:.0f}"]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
     for name, r in report["methods"].items():
-        cells = [f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", f"{r['n']} ({r['prompts']})"]
-        cells += [f"{r['dims'][d]:+.3f}" for d in dims] + [f"{r['dims']['overall']:+.3f}", f"{r['train_seconds']:.0f}", f"{r['eval_seconds']:.0f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(row(name, r, f"{r['train_seconds']:.0f}"))
+    if best is not None:
+        lines.append(row(f"base, guidance {best['guidance_scale']:g} (best on training captions)", best, "—"))
     base = report["base"]["scores"]
     lines.append("")
-    lines.append("Base model on the same samples: " + ", ".join(f"{k} {v:+.3f}" for k, v in base.items()))
+    lines.append(f"Base model (guidance {report['settings']['guidance_scale']:g}) on the same samples: "
+                 + ", ".join(f"{k} {v:+.3f}" for k, v in base.items()))
+    if best is not None:
+        choice = best["choice"]
+        scales = ", ".join(("**{:g}: {:.3f}**" if g["guidance_scale"] == best["guidance_scale"] else "{:g}: {:.3f}").format(
+            g["guidance_scale"], g["scores"]["overall"]) for g in choice["grid"])
+        seeds = choice["seeds_per_caption"]
+        lines.append(f"Guidance chosen on {choice['captions']} training captions × {seeds} seed{'s' * (seeds != 1)} "
+                     f"(mean overall checklist score per scale): {scales}")
     return "\n".join(lines) + "\n"
 
 
@@ -406,9 +452,45 @@ def _prepare_data(configs: dict[str, Config], settings: BenchSettings, progress:
     return data
 
 
-def _compare(scorer, images, prompts, base: dict[str, torch.Tensor], seed: int) -> dict:
+def guidance_set(settings: BenchSettings) -> tuple[list[str], list[int]]:
+    """The (prompt, seed) list the base model's best guidance scale is chosen on: TRAINING captions only (never held-out,
+    whatever `eval_split` is), `guidance_prompts` of them spread evenly over the split, with seeds unlike the evaluation's
+    (10,000 + ...) and the synthetic data's."""
+    count = min(settings.guidance_prompts or len(TRAIN), len(TRAIN))
+    specs = [TRAIN[i * len(TRAIN) // count] for i in range(count)]
+    prompts = [s.caption for s in specs for _ in range(settings.guidance_seeds)]
+    seeds = [20_000 + settings.seed * 1_000 + j for _ in specs for j in range(settings.guidance_seeds)]
+    return prompts, seeds
+
+
+def choose_guidance(settings: BenchSettings, sample, scorer) -> dict:
+    """Sample the base model on `guidance_set` at every scale of `guidance_grid` (`sample(prompts, seeds, scale)` returns
+    (images, reused)) and pick the scale with the highest mean overall checklist score (the first in grid order on a tie).
+
+    Returns the choice record: the chosen ``guidance_scale``, each scale's mean scores (``grid``), the captions chosen on,
+    and whether every scale's samples were reused."""
+    if not settings.guidance_grid:
+        raise ValueError("guidance_grid is empty: nothing to choose from")
+    prompts, seeds = guidance_set(settings)
+    grid, reused = [], []
+    for scale in settings.guidance_grid:
+        images, was_reused = sample(prompts, seeds, float(scale))
+        scores = _scores(scorer, images, prompts)
+        grid.append({"guidance_scale": float(scale), "scores": {k: float(scores[k].mean()) for k in ("overall", *TOY_CHECKLIST.dimensions)}})
+        reused.append(was_reused)
+    best = max(grid, key=lambda g: g["scores"]["overall"])  # max keeps the first of equal keys
+    return {"guidance_scale": best["guidance_scale"], "grid": grid, "split": "train", "prompts": list(dict.fromkeys(prompts)),
+            "captions": len(set(prompts)), "seeds_per_caption": settings.guidance_seeds, "n": len(prompts), "seeds": seeds,
+            "samples_reused": all(reused)}
+
+
+def _versus(scores: dict[str, torch.Tensor], other: dict[str, torch.Tensor], prompts: list[str], seed: int) -> dict:
+    """Win-rate of one model's samples over another's on the same (prompt, seed) list (ties ½, bootstrap clustered by prompt)."""
+    return win_rate(scores["overall"].tolist(), other["overall"].tolist(), prompts, seed=seed).as_dict()
+
+
+def _compare(scores: dict[str, torch.Tensor], prompts, base: dict[str, torch.Tensor], seed: int) -> dict:
     """Win-rate over the base (ties ½, bootstrap clustered by prompt), mean score change per dimension, yes-rate changes."""
-    scores = _scores(scorer, images, prompts)
     wr = win_rate(scores["overall"].tolist(), base["overall"].tolist(), prompts, seed=seed)
     dims = {d: float((scores[d] - base[d]).mean()) for d in ("overall", *TOY_CHECKLIST.dimensions)}
     questions = {q.key: float(((scores[q.key] > 0).float() - (base[q.key] > 0).float()).mean()) for q in TOY_CHECKLIST.questions}
@@ -422,6 +504,10 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     Data and trained models come from `cache_root` when their keys match (see the module docstring); each method's
     report says whether it was ``reused`` and its ``run_key``. `train_seconds` is the training time of the model
     (recorded when it was trained), `total_seconds` this call's wall time. A held-out run appends a ledger line.
+
+    With a `guidance_grid`, ``best_guidance`` is the base model at the scale `choose_guidance` picks on training
+    captions, evaluated like a method (samples in ``samples/base-best-guidance/``), and every method carries
+    ``vs_best_guidance``; with DPO among the methods, every other row carries ``vs_dpo``.
     """
     from tqdm.auto import tqdm
 
@@ -459,7 +545,35 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     write_folder(samples / "base", base_images, prompts, seeds, model=settings.model, steps=settings.num_inference_steps,
                  guidance=settings.guidance_scale)
 
-    # 3. each method: train (or reuse), sample the same prompts and seeds, compare
+    # 3. the guidance baseline: the base model at the scale that scores best on training captions, on the evaluation set
+    best_scores = None
+    if settings.guidance_grid:
+        started = time.perf_counter()
+
+        def sample_base(ps: list[str], ss: list[int], scale: float) -> tuple[list[Image.Image], bool]:
+            kw = {**sample_kw, "guidance_scale": scale}
+            return cached_samples(root / "samples" / sample_key(base_model, ps, ss, kw, code),
+                                  lambda: sample_images(components, ps, ss, **kw), settings.fresh)
+
+        choice = choose_guidance(settings, sample_base, scorer)
+        choice["seconds"] = time.perf_counter() - started
+        scale = choice["guidance_scale"]
+        started = time.perf_counter()
+        if scale == settings.guidance_scale:  # the bench's own scale: the base samples themselves (the same key)
+            best_images, best_reused = base_images, report["base"]["samples_reused"]
+        else:
+            best_images, best_reused = sample_base(prompts, seeds, scale)
+        best_scores = _scores(scorer, best_images, prompts)
+        result = _compare(best_scores, prompts, base, settings.seed)
+        report["best_guidance"] = {"guidance_scale": scale, **{k: v for k, v in result.items() if k not in ("dims", "yes_rate_change")},
+                                   "eval_seconds": time.perf_counter() - started, "dims": result["dims"],
+                                   "yes_rate_change": result["yes_rate_change"], "samples_reused": best_reused, "choice": choice}
+        columns[f"base g{scale:g}"] = best_images
+        write_folder(samples / BEST_GUIDANCE, best_images, prompts, seeds, model=settings.model, steps=settings.num_inference_steps,
+                     guidance=scale)
+
+    # 4. each method: train (or reuse), sample the same prompts and seeds, compare
+    scored: dict[str, dict[str, torch.Tensor]] = {}
     for name in tqdm(methods, desc="bench toy", disable=not progress):
         cfg = configs[name]
         record, reused = ensure_run(cfg, settings.fresh)
@@ -470,7 +584,8 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
             root / "samples" / sample_key(run_dir.name, prompts, seeds, sample_kw, code),
             lambda: sample_images(components, prompts, seeds, unet=load_trained_unet(components, final_dir), **sample_kw),
             settings.fresh or not reused)
-        result = _compare(scorer, images, prompts, base, settings.seed)
+        scored[name] = _scores(scorer, images, prompts)
+        result = _compare(scored[name], prompts, base, settings.seed)
         report["methods"][name] = {**{k: v for k, v in result.items() if k not in ("dims", "yes_rate_change")},
                                    "train_seconds": record["train_seconds"], "eval_seconds": time.perf_counter() - started,
                                    "dims": result["dims"], "yes_rate_change": result["yes_rate_change"],
@@ -478,6 +593,15 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
         columns[name] = images
         write_folder(samples / name, images, prompts, seeds, model=settings.model, adapter=str(final_dir),
                      steps=settings.num_inference_steps, guidance=settings.guidance_scale)
+
+    # 5. paired comparisons on the same samples: each method against DPO and against the guidance baseline
+    for name, row in report["methods"].items():
+        if "dpo" in scored and name != "dpo":
+            row["vs_dpo"] = _versus(scored[name], scored["dpo"], prompts, settings.seed)
+        if best_scores is not None:
+            row["vs_best_guidance"] = _versus(scored[name], best_scores, prompts, settings.seed)
+    if best_scores is not None and "dpo" in scored:
+        report["best_guidance"]["vs_dpo"] = _versus(best_scores, scored["dpo"], prompts, settings.seed)
 
     report["total_seconds"] = time.perf_counter() - wall
     _write_outputs(report, out, columns, len(held), settings)

@@ -3,6 +3,7 @@ the real method classes, batches and models, and a few training steps of each to
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -135,3 +136,19 @@ def test_each_toy_recipe_trains_on_the_tiny_model(tmp_path_factory, name):
     assert main(args) == 0
     assert (tmp / name / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp / name / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_smpo_trains_on_pickapic_pairs_scored_by_pickscore_at_prepare(tmp_path, demo_parquet):
+    """One config: Pick-a-Pic-format pairs, PickScore (tiny random weights in the official format) scores every image
+    at prepare time beside the latents, SmPO orders each pair by it and normalises by the cache's range."""
+    from tiny_scorers import write_clip_folder
+
+    clip = write_clip_folder(tmp_path / "pickscore")
+    cfg = tiny_config(tmp_path, parquet=demo_parquet, method={"name": "smpo", "beta": 2000.0, "inversion_steps": 2, "reward": "pickscore"},
+                      data={"scores": ["pickscore"], "score_options": {"pickscore": {"path": str(clip)}}})
+    cfg["train"].update(max_steps=2, checkpoint_every=0)
+    assert main(["train", str(write_config(tmp_path / "smpo.yaml", cfg))]) == 0
+    assert (tmp_path / "cache" / "scores" / "pickscore" / "summary.json").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["p"] > 0.5 for r in rows)  # ordered by the reward: p > ½
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()

@@ -120,8 +120,68 @@ OFFICIAL = {
         "eval.guidance_scale": 5.0,
     },
 }
+
+# JaydenLyh/InPO (commit a9cfc4d) and JaydenLyh/SmPO (commit 8922d54, train.py as of 61105a1): forks of Diffusion-DPO's train.py with its
+# defaults (research/step_methods.md §2(d), §3(d)), launched by examples/sd15.sh and examples/sdxl.sh on 8 GPUs.
+_DPO_FORK = {
+    **_DIFFUSION_DPO,
+    "model.reference_offload": False,  # ref_unet on the GPU for SDXL too ("All models are kept on the GPU")
+    "train.grad_accum": 128,  # examples/*.sh: 8 GPUs x 1 x 128 = 1024
+    "train.checkpoint_every": 50,  # examples/*.sh --checkpointing_steps 50
+    "method.inversion_model": "policy",  # the trained `unet` inverts (no grad, no CFG)
+    "method.grid_semantics": "official",  # diffusers 0.20's DDIMInverseScheduler (requirements.txt pins 0.20.0)
+}
+_FORK_SD15 = {
+    "model.pretrained": "runwayml/stable-diffusion-v1-5",  # examples/sd15.sh MODEL_NAME: a local copy of SD1.5, checkpoints/stable-diffusion-v1-5
+    "model.vae": None,
+    "model.vae_fp16_safe": True,  # the VAE is cast to fp16 and encodes every step
+    "model.init_from": "checkpoints/sd15-sft",  # examples/sd15.sh --unet_init: an SFT'd SD1.5 UNet (not released)
+    "model.gradient_checkpointing": False,  # only forced for SDXL
+    "data.resolution": 512,
+    "optim.optimizer": "adamw",
+    "optim.betas": [0.9, 0.999],
+    "optim.eps": 1e-8,
+}
+_FORK_SDXL = {
+    "model.pretrained": "stabilityai/stable-diffusion-xl-base-1.0",  # examples/sdxl.sh MODEL_NAME (a local copy of this repo)
+    "model.vae": "madebyollin/sdxl-vae-fp16-fix",  # examples/sdxl.sh VAE (local copy checkpoints/sdxl-vae-fp16-fix)
+    "model.vae_fp16_safe": True,
+    "model.init_from": None,  # examples/sdxl.sh passes no --unet_init
+    "model.gradient_checkpointing": True,  # forced with --sdxl
+    "data.resolution": 1024,
+    "data.time_ids": "fixed",  # [res, res, 0, 0, res, res]
+    "optim.optimizer": "adafactor",  # forced with --sdxl
+}
+_INPO = {
+    **_DPO_FORK,
+    "method.name": "inpo",
+    "method.inversion_steps": 10,  # inverse_scheduler.set_timesteps(10), SD1.5 and SDXL
+    "method.inversion_eta": 0.1,  # inversion_eta = 0.1 (hard-coded)
+    "method.label_noise": "none",
+    "train.max_steps": 400,  # examples/*.sh --max_train_steps=400
+    "optim.warmup_steps": 200,  # examples/*.sh --lr_warmup_steps=200
+}
+_SMPO = {
+    **_DPO_FORK,
+    "method.name": "smpo",
+    "method.gamma": 10.0,  # scale_term `* 10` (hard-coded)
+    "method.reward": "pickscore",  # ps_score_0/1 and ps_label_0 from preprocessing.py (PickScore_v1)
+    "method.score_bounds": [11.543526500463486, 28.201571106910706],  # min_val / max_val on raw cosines, x100 = diffalign's PickScore
+    "method.label_source": "reward",  # the pair is ordered by ps_label_0; the human label_0 only drops ties
+    "data.scores": ["pickscore"],  # preprocessing.py scores both images of every pair once
+    "train.max_steps": 200,  # examples/*.sh --max_train_steps=200
+    "optim.warmup_steps": 100,  # examples/*.sh --lr_warmup_steps=100
+}
+OFFICIAL.update({
+    "sd15_inpo": {**_INPO, **_FORK_SD15, "method.beta": 2000.0},  # examples/sd15.sh --beta_dpo 2000
+    "sdxl_inpo": {**_INPO, **_FORK_SDXL, "method.beta": 5000.0},  # examples/sdxl.sh --beta_dpo 5000
+    "sd15_smpo": {**_SMPO, **_FORK_SD15, "method.beta": 2000.0, "method.inversion_steps": 5},  # --beta_dpo 2000; set_timesteps(5) for SD1.5
+    "sdxl_smpo": {**_SMPO, **_FORK_SDXL, "method.beta": 5000.0, "method.inversion_steps": 10},  # --beta_dpo 5000; set_timesteps(10) for SDXL
+})
 # Shipped configs that are not official recipes, by name, with what their header must say.
 NOT_OFFICIAL = {
+    "sdxl_rankdpo": "reconstructed",  # RankDPO: no official code (snap-research/RankDPO unavailable); paper values where known
+    "sd15_dense": "reconstructed",  # dense reward: the official code is online; the offline form is ours
     "tiny_sdxl_dpo": "toy",
     "toy/dpo": "toy",
     "toy/sft": "toy",

@@ -15,17 +15,42 @@ import pytest
 import torch
 from conftest import shuffle_folder
 
+from diffalign.eval import toybench
+from diffalign.eval.imagefolder import read_folder
 from diffalign.eval.toybench import QUICK, BenchSettings, markdown_table, method_config, run_toy_bench
+from diffalign.eval.winrate import win_rate
+from diffalign.scorers import load_scorer
+from diffalign.toy.scenes import HELD_OUT, TRAIN
 from diffalign.trainers import loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models are fastest on one thread; the count is restored after the module
 
 
 def tiny(tmp_path, workdir: str, *overrides: str, **kw) -> BenchSettings:
-    """A seconds-scale bench on the random tiny SDXL model; every call in a test shares one cache root."""
+    """A seconds-scale bench on the random tiny SDXL model; every call in a test shares one cache root. The guidance
+    baseline is chosen from 2 scales on 4 training captions."""
+    kw = {"guidance_grid": (2.0, 3.0), "guidance_prompts": 4, "guidance_seeds": 1, **kw}
     return BenchSettings(model="builtin:tiny-sdxl", workdir=tmp_path / workdir, train_rounds=1, eval_prompts=3, eval_seeds=2,
                          num_inference_steps=2, max_steps=2, overrides=("data.source.num_prompts=6", "train.batch_size=2", *overrides),
                          cache_root=tmp_path / "cache", **kw)
+
+
+def folder_scores(folder: Path) -> dict[tuple[str, int], float]:
+    """Overall checklist score of every saved sample, keyed by (prompt, seed), scored afresh from the folder's files."""
+    from PIL import Image
+
+    records = read_folder(folder)
+    images = [Image.open(folder / r.file).convert("RGB") for r in records]
+    overall = load_scorer("toy-checklist").score(images, [r.prompt for r in records])["overall"]
+    return {(r.prompt, r.seed): float(v) for r, v in zip(records, overall)}
+
+
+def paired_win_rate(samples: Path, a: str, b: str, seed: int = 0) -> dict:
+    """Win-rate of the samples in samples/<a> over samples/<b>, paired on (prompt, seed) from the files alone."""
+    sa, sb = folder_scores(samples / a), folder_scores(samples / b)
+    assert sa.keys() == sb.keys()
+    pairs = sorted(sa)
+    return win_rate([sa[k] for k in pairs], [sb[k] for k in pairs], [p for p, _ in pairs], seed=seed).as_dict()
 
 
 @pytest.fixture
@@ -42,22 +67,100 @@ def trained(monkeypatch) -> list[str]:
     return calls
 
 
-def test_bench_runs_end_to_end_and_writes_the_report(tmp_path):
-    settings = BenchSettings(
-        model="builtin:tiny-sdxl", workdir=tmp_path / "work", train_rounds=1, eval_prompts=3, eval_seeds=2,
-        num_inference_steps=2, max_steps=2, overrides=("data.source.num_prompts=6", "train.batch_size=2"), cache_root=tmp_path / "cache",
-    )
+def test_bench_runs_end_to_end_and_writes_the_report(tmp_path, monkeypatch):
+    sampled: list[tuple[float, list[str]]] = []  # (guidance scale, prompts) of every sampling call
+    real = toybench.sample_images
+
+    def spy(components, prompts, seeds, **kw):
+        if kw.get("unet") is None:  # the base model
+            sampled.append((kw["guidance_scale"], list(prompts)))
+        return real(components, prompts, seeds, **kw)
+
+    monkeypatch.setattr(toybench, "sample_images", spy)
+    settings = tiny(tmp_path, "work")
     report = run_toy_bench(settings, tmp_path / "report.json", progress=False)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["methods"].keys() == {"sft", "dpo"}  # SFT is always there as the baseline
-    for r in saved["methods"].values():
+    best = saved["best_guidance"]
+    for r in [*saved["methods"].values(), best]:
         assert r["n"] == 6 and r["prompts"] == 3 and 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1
         assert set(r["dims"]) == {"overall", "alignment", "composition", "quality"}
-        assert r["train_seconds"] > 0 and r["eval_seconds"] > 0
+        assert r["eval_seconds"] > 0
+    assert all(r["train_seconds"] > 0 for r in saved["methods"].values())
     assert set(saved["hashes"]) == {"base_weights", "scorer_config", "held_out_split"}
     assert all(r["reused"] is False for r in saved["methods"].values())
-    assert "| dpo |" in (tmp_path / "report.md").read_text() and markdown_table(report).count("\n") >= 4
+    md = (tmp_path / "report.md").read_text()
+    assert "| dpo |" in md and "vs DPO" in md and "| base, guidance " in md and markdown_table(report).count("\n") >= 5
     assert (tmp_path / "report.png").is_file()
+
+    # against DPO and against the base at its best guidance: the same pairing as against the base, re-derived from the files
+    samples = tmp_path / "samples"
+    assert "vs_dpo" not in saved["methods"]["dpo"]
+    for name, r in saved["methods"].items():
+        if name != "dpo":
+            assert r["vs_dpo"] == pytest.approx(paired_win_rate(samples, name, "dpo"), abs=1e-12)
+        assert r["vs_best_guidance"] == pytest.approx(paired_win_rate(samples, name, "base-best-guidance"), abs=1e-12)
+    assert best["vs_dpo"] == pytest.approx(paired_win_rate(samples, "base-best-guidance", "dpo"), abs=1e-12)
+    assert {k: best[k] for k in ("win_rate", "ci_low", "ci_high")} == pytest.approx(
+        {k: v for k, v in paired_win_rate(samples, "base-best-guidance", "base").items() if k in ("win_rate", "ci_low", "ci_high")}, abs=1e-12)
+
+    # the scale is chosen on training captions only; held-out captions are sampled at the bench's scale and the chosen one
+    choice, train, held = best["choice"], {s.caption for s in TRAIN}, {s.caption for s in HELD_OUT}
+    assert [g["guidance_scale"] for g in choice["grid"]] == [2.0, 3.0] and choice["split"] == "train"
+    assert best["guidance_scale"] == max(choice["grid"], key=lambda g: g["scores"]["overall"])["guidance_scale"]
+    assert len(choice["prompts"]) == 4 and set(choice["prompts"]) <= train
+    assert {line["guidance"] for line in map(json.loads, (samples / "base-best-guidance" / "metadata.jsonl").read_text().splitlines())} == {
+        best["guidance_scale"]}
+    choosing = [(g, ps) for g, ps in sampled if not set(ps) & held]
+    assert sorted(g for g, _ in choosing) == [2.0, 3.0] and all(set(ps) <= train for _, ps in choosing)
+    assert {g for g, ps in sampled if set(ps) & held} <= {settings.guidance_scale, best["guidance_scale"]}
+
+
+class _ScaleSamples:
+    """A fake base model: each image is filled with the guidance scale (as a grey level), so a fake scorer can tell scales apart."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[str], list[int], float]] = []
+
+    def __call__(self, prompts, seeds, scale):
+        from PIL import Image
+
+        self.calls.append((list(prompts), list(seeds), scale))
+        return [Image.new("RGB", (4, 4), (int(scale * 10),) * 3) for _ in prompts], False
+
+
+class _PeakScorer:
+    """Overall score peaks at grey level `peak` (guidance scale × 10); the checklist's dimensions ride along."""
+
+    def __init__(self, peak: int):
+        self.peak = peak
+
+    def score(self, images, prompts):
+        level = torch.tensor([float(im.getpixel((0, 0))[0]) for im in images])
+        overall = -((level - self.peak) ** 2)
+        return {"overall": overall, "alignment": overall, "composition": overall, "quality": overall}
+
+
+def test_guidance_is_chosen_on_training_captions_by_mean_score(tmp_path):
+    from diffalign.eval.toybench import _eval_set, choose_guidance, guidance_set
+
+    settings = BenchSettings(guidance_grid=(1.5, 2.0, 3.0, 5.0, 7.5), guidance_prompts=10, guidance_seeds=2, eval_split="train")
+    sample = _ScaleSamples()
+    choice = choose_guidance(settings, sample, _PeakScorer(peak=45))
+    assert choice["guidance_scale"] == 5.0 and [g["guidance_scale"] for g in choice["grid"]] == [1.5, 2.0, 3.0, 5.0, 7.5]
+    assert [g["scores"]["overall"] for g in choice["grid"]] == [-900.0, -625.0, -225.0, -25.0, -900.0]
+    assert [scale for _, _, scale in sample.calls] == [1.5, 2.0, 3.0, 5.0, 7.5]
+    train = {s.caption for s in TRAIN}
+    prompts, seeds = guidance_set(settings)
+    _, eval_prompts, eval_seeds = _eval_set(settings)  # the train split's evaluation set: the same captions, other seeds
+    for ps, ss, _ in sample.calls:
+        assert (ps, ss) == (prompts, seeds) and set(ps) <= train and len(ps) == 20 and len(set(ps)) == 10
+        assert not set(zip(ps, ss)) & set(zip(eval_prompts, eval_seeds))
+    assert choice["prompts"] == list(dict.fromkeys(prompts)) and choice["n"] == 20
+    # all of the split when guidance_prompts is None; a tie goes to the first scale in grid order
+    everything = choose_guidance(BenchSettings(guidance_grid=(2.0, 3.0, 4.0)), _ScaleSamples(), _PeakScorer(peak=30))
+    assert everything["guidance_scale"] == 3.0 and everything["captions"] == len(TRAIN)
+    assert choose_guidance(BenchSettings(guidance_grid=(4.0, 2.0)), _ScaleSamples(), _PeakScorer(peak=30))["guidance_scale"] == 4.0
 
 
 def test_dpo_moves_the_toy_model_toward_the_preference(tmp_path, trained):
@@ -79,6 +182,11 @@ def test_dpo_moves_the_toy_model_toward_the_preference(tmp_path, trained):
     dpo = report["methods"]["dpo"]
     assert dpo["n"] == 2 * 62 and dpo["prompts"] == 62
     assert dpo["dims"]["overall"] > 0 and dpo["win_rate"] > 0.5, markdown_table(report)
+    # the guidance baseline: chosen on 50 training captions from QUICK's 3 scales, reused by the second run
+    best = report["best_guidance"]
+    assert best["choice"]["samples_reused"] and best["choice"]["captions"] == 50 and set(best["choice"]["prompts"]) <= {s.caption for s in TRAIN}
+    assert best["guidance_scale"] in QUICK["guidance_grid"] and best["n"] == dpo["n"]
+    assert "vs_dpo" in report["methods"]["sft"] and "vs_dpo" not in dpo and "vs_best_guidance" in dpo
 
     # `diffalign compare` re-derives the win-rate from the saved folders alone, whatever the file names
     from diffalign.cli import main
@@ -146,8 +254,12 @@ def test_held_out_runs_append_to_the_ledger_and_train_split_runs_do_not(tmp_path
     entry = json.loads(lines[0])
     assert set(entry) >= {"date", "commit", "methods", "settings"} and entry["date"].endswith("+00:00")
     assert entry["commit"] is None or len(entry["commit"].removesuffix("-dirty")) == 40
+    keys = ("win_rate", "ci_low", "ci_high", "n")
     for name, r in report["methods"].items():
-        assert entry["methods"][name] == {"run_key": r["run_key"], "reused": False, **{k: r[k] for k in ("win_rate", "ci_low", "ci_high", "n")}}
+        versus = {vs: {k: r[vs][k] for k in keys} for vs in ("vs_dpo", "vs_best_guidance") if vs in r}
+        assert entry["methods"][name] == {"run_key": r["run_key"], "reused": False, **{k: r[k] for k in keys}, **versus}
+    assert set(entry["methods"]["sft"]) >= {"vs_dpo", "vs_best_guidance"} and "vs_dpo" not in entry["methods"]["dpo"]
+    assert entry["best_guidance"]["guidance_scale"] == report["best_guidance"]["guidance_scale"]
     assert entry["settings"]["eval_split"] == "held_out" and entry["settings"]["ledger"] == str(ledger)
 
     run_toy_bench(tiny(tmp_path, "work", ledger=ledger, eval_split="train"), tmp_path / "train" / "report.json", progress=False)

@@ -42,3 +42,13 @@ def test_scorer_parity_benchmark_finds_the_tensor_paths_close(tmp_path):
     assert len(families) == 4
     for name, gap in families.items():  # resize kernels differ, the transforms must not (a wrong crop or pad is ~0.5)
         assert gap["relative_to_pixel_std"] < 0.1, (name, gap)
+
+
+def test_method_step_cost_benchmark_runs_and_counts_the_inversion_forwards(tmp_path):
+    out = tmp_path / "cost.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "method_step_cost.py"), "--models", "toy", "--batch", "2", "--rounds", "1",
+           "--warmup", "0", "--prompts", "4", "--variants", "inpo, inversion_steps 5", "--out", str(out), "--workdir", str(tmp_path / "work")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.is_file() and out.with_suffix(".md").is_file()
+    assert "inpo" in out.read_text()

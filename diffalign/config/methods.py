@@ -87,7 +87,12 @@ class InPOMethod(PairwiseLabelNoise, Inversion):
         "inpo", description="Method tag: DDIM-InPO (Lu et al., CVPR 2025, arXiv:2503.18454): the DPO loss on DDIM-inverted latents."
     )
     beta: float = Field(2000.0, gt=0, description=_BETA + "Official: 2000 (SD1.5), 5000 (SDXL).")
-    inversion_eta: float = Field(0.1, ge=0, description="Noise injected after each inversion step, times the DDPM σ (official 0.1).")
+    inversion_eta: float = Field(
+        0.1,
+        ge=0,
+        description="Noise injected after each inversion step, times the DDIM σ of the whole jump (DDIMScheduler._get_variance, "
+        "as the official code; official 0.1).",
+    )
 
 
 class SmPOMethod(Inversion):

@@ -36,6 +36,16 @@ def tiny_config(tmp: Path, *, parquet: Path, pretrained: str = "builtin:tiny-sdx
     return cfg
 
 
+def config_header(path: Path) -> str:
+    """The opening comment block of a YAML config (its lines up to the first that is not a comment)."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import config_header
 from pydantic import BaseModel
 
 from diffalign.config import (
@@ -82,20 +83,11 @@ def test_config_file_loads_by_path(path):
     assert validate_config(yaml.safe_load(path.read_text())) == cfg
 
 
-def _header(path: Path) -> str:
-    lines = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append(line)
-    return "\n".join(lines)
-
-
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
 def test_yaml_opens_with_what_how_and_override(path):
     """Rule 9: the opening comment says what it trains, the exact command, an override, the β convention."""
     assert path.read_text().startswith("#"), f"{path.name} must open with a comment block"
-    header = _header(path)
+    header = config_header(path)
     assert f"diffalign train configs/{_name(path)}.yaml" in header
     assert re.search(rf"diffalign train {re.escape(_name(path))}\b", header)
     assert re.search(r"beta.*sigmoid\(-beta/2", header), "the beta convention must be stated in the header"

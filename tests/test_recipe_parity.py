@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import config_header
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -199,15 +200,6 @@ def _shipped() -> dict[str, Path]:
     return {p.relative_to(CONFIGS).with_suffix("").as_posix(): p for p in sorted(CONFIGS.rglob("*.yaml"))}
 
 
-def _header(path: Path) -> str:
-    lines = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append(line)
-    return "\n".join(lines)
-
-
 def _declared_deviations(header: str) -> list[str]:
     """The dotted keys listed under the header's "# Deviations" line (one per line, indented)."""
     if "# Deviations" not in header:
@@ -226,7 +218,7 @@ def _value(cfg: dict, dotted: str):
 def test_every_shipped_config_says_what_recipe_it_is():
     kinds = {}
     for name, path in _shipped().items():
-        found = _RECIPE.search(_header(path))
+        found = _RECIPE.search(config_header(path))
         assert found, f"{path}: the header needs a '# Recipe: official|reconstructed|toy' line"
         kinds[name] = found.group(1)
     assert {n for n, k in kinds.items() if k == "official"} == set(OFFICIAL)
@@ -240,7 +232,7 @@ def test_official_recipe_equals_the_official_values_but_for_its_listed_deviation
     path = _shipped()[name]
     cfg = load_config(path).model_dump(mode="json")
     differ = {k: (v, _value(cfg, k)) for k, v in OFFICIAL[name].items() if _value(cfg, k) != v}
-    declared = _declared_deviations(_header(path))
+    declared = _declared_deviations(config_header(path))
     print(f"\n{name}: {len(differ)} deliberate deviations from the official recipe")
     for key, (official, ours) in differ.items():
         print(f"  {key}: {ours!r} (official {official!r})")
@@ -257,4 +249,4 @@ def test_the_parity_check_catches_an_undeclared_change():
 
     cfg = load_config(_shipped()["sdxl_dpo"], ["data.caption_dropout=0.0"]).model_dump(mode="json")
     differ = {k for k, v in OFFICIAL["sdxl_dpo"].items() if _value(cfg, k) != v}
-    assert "data.caption_dropout" in differ and "data.caption_dropout" not in _declared_deviations(_header(_shipped()["sdxl_dpo"]))
+    assert "data.caption_dropout" in differ and "data.caption_dropout" not in _declared_deviations(config_header(_shipped()["sdxl_dpo"]))

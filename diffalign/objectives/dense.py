@@ -92,6 +92,7 @@ def dense_dpo_loss(
     num_steps: int = 50,
     num_train_timesteps: int = 1000,
     label: torch.Tensor | None = None,
+    **pairwise,
 ) -> DPOLoss:
     """Variant (a): -[p·log σ(γ^{k(t)}·z) + (1-p)·log σ(-γ^{k(t)}·z)], batch mean; z = `dpo_logits` (all (B,)).
 
@@ -101,6 +102,7 @@ def dense_dpo_loss(
         gamma: γ (official 0.9; typical 0.8-1).
         num_steps, num_train_timesteps: N (official 50) and T (1000) of the t -> k mapping.
         label: optional soft label / tie, as `dpo_loss`.
+        pairwise: the shared pairwise objective's options (`flip`, `label_noise`, `noise_rate`, `logit_limit`).
 
     Returns:
         `DPOLoss(loss, logits)` with logits = γ^{k(t)}·z.
@@ -108,7 +110,7 @@ def dense_dpo_loss(
     z = dpo_logits(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
     k = step_index(timesteps, num_steps, num_train_timesteps)
     logits = dense_logit_weight(k, gamma).to(dtype=z.dtype, device=z.device) * z
-    return DPOLoss(pairwise_loss(logits, label).mean(), logits)
+    return DPOLoss(pairwise_loss(logits, label, **pairwise).mean(), logits)
 
 
 def discounted_timestep_probs(gamma: float, num_steps: int = 50, num_train_timesteps: int = 1000) -> torch.Tensor:

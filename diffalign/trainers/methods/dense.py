@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from diffalign.config import DenseMethod
-from diffalign.objectives import DPOLoss, dense_logit_weight, discounted_timestep_probs, dpo_logits, pairwise_loss, step_index
+from diffalign.objectives import dense_dpo_loss, discounted_timestep_probs, dpo_loss
 from diffalign.trainers.methods.base import Needs
 from diffalign.trainers.methods.denoising import denoising_errors
 from diffalign.trainers.methods.dpo import pairwise_metrics
@@ -41,10 +41,10 @@ class Dense:
         pair = batch.pair()
         err = denoising_errors(models, batch, pair.images)
         (m_w, m_l), (r_w, r_l) = err.policy.unbind(1), err.reference.unbind(1)
-        z = dpo_logits(m_w, m_l, r_w, r_l, cfg.beta)
+        pairwise = dict(label=pair.label.to(m_w.device), label_noise=cfg.label_noise, noise_rate=cfg.noise_rate, logit_limit=cfg.logit_limit)
         if cfg.variant == "weighted":
-            z = z * dense_logit_weight(step_index(batch.t, cfg.num_steps, T), cfg.gamma).to(z.device, z.dtype)
-        losses = pairwise_loss(z, pair.label.to(z.device), label_noise=cfg.label_noise, noise_rate=cfg.noise_rate,
-                               logit_limit=cfg.logit_limit)
-        out = DPOLoss(losses.mean(), z)
+            out = dense_dpo_loss(m_w, m_l, r_w, r_l, cfg.beta, batch.t.to(m_w.device), cfg.gamma, num_steps=cfg.num_steps,
+                                 num_train_timesteps=T, **pairwise)
+        else:
+            out = dpo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta, **pairwise)
         return out.loss, pairwise_metrics(out, m_w, m_l, r_w, r_l)

@@ -17,15 +17,9 @@ import torch
 
 from diffalign.config import RankDPOMethod
 from diffalign.objectives import rank_positions, rankdpo_loss
+from diffalign.rewards import phi as rewards_phi
 from diffalign.trainers.methods.base import Needs
 from diffalign.trainers.methods.denoising import denoising_errors, errors_at
-
-
-def rank_win_rate(ranks: torch.Tensor) -> torch.Tensor:
-    """(B, K) φ from ranks (0 = best): the image's win-rate against the item's other images, a tie counting ½."""
-    better = (ranks[:, :, None] < ranks[:, None, :]).float() + 0.5 * (ranks[:, :, None] == ranks[:, None, :]).float()
-    k = ranks.shape[1]
-    return (better.sum(dim=2) - 0.5) / (k - 1)  # the diagonal tie (½) is not a comparison
 
 
 class RankDPO:
@@ -49,7 +43,8 @@ class RankDPO:
         phi = batch.scores.to(s.device)
         missing = ~torch.isfinite(phi).all(dim=1)
         if missing.any():
-            phi = torch.where(missing[:, None], rank_win_rate(batch.ranks).to(s.device), phi)
+            from_ranks = rewards_phi(-batch.ranks[None].float())  # the ranks' win-rate: one "scorer" scoring -rank, ties ½
+            phi = torch.where(missing[:, None], from_ranks.to(s.device, s.dtype), phi)
         ranks = rank_positions(phi if cfg.discount_ranks == "label" else -s.detach())  # 1 = best: highest φ, or lowest s
         out = rankdpo_loss(s, phi, ranks, beta=cfg.beta / 2, log_base=cfg.log_base, reduction=cfg.reduction)
         better = phi[:, :, None] > phi[:, None, :]  # pairs i ≻ j by φ

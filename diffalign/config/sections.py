@@ -116,21 +116,21 @@ PROMPT_SETS = {"toy-train": "the training captions of the toy world (diffalign.t
 EVAL_ONLY_PROMPT_SETS = {"toy-held-out": "the toy world's held-out captions (diffalign.toy.scenes.HELD_OUT)"}
 
 
-class _ScorerList(Section):
-    """A section with `scorers` and `scorer_options`: each scorer listed once, options only for listed scorers."""
+def check_scorer_list(names: list[str], options: dict, names_key: str, options_key: str) -> None:
+    """A list of scorers with per-scorer options: each scorer listed once, options only for listed scorers."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"{names_key}: each scorer may be listed once ({', '.join(names)})")
+    stray = sorted(set(options) - set(names))
+    if stray:
+        raise ValueError(f"{options_key} for {', '.join(map(repr, stray))}, which `{names_key}` does not list ({', '.join(names) or 'none'})")
 
-    @field_validator("scorers", check_fields=False)
-    @classmethod
-    def _scorers_once(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("each scorer may be listed once")
-        return v
+
+class _ScorerList(Section):
+    """A section with `scorers` and `scorer_options` (`check_scorer_list`)."""
 
     @model_validator(mode="after")
-    def _check_scorer_options(self):
-        stray = sorted(set(self.scorer_options) - set(self.scorers))
-        if stray:
-            raise ValueError(f"scorer_options for {', '.join(map(repr, stray))}, which `scorers` does not list ({', '.join(self.scorers)})")
+    def _check_scorer_list(self):
+        check_scorer_list(self.scorers, self.scorer_options, "scorers", "scorer_options")
         return self
 
 
@@ -306,11 +306,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _check_scores(self):
-        if len(set(self.scores)) != len(self.scores):
-            raise ValueError(f"scores: each scorer may be listed once ({', '.join(self.scores)})")
-        stray = sorted(set(self.score_options) - set(self.scores))
-        if stray:
-            raise ValueError(f"score_options for {', '.join(map(repr, stray))}, which `scores` does not list ({', '.join(self.scores) or 'none'})")
+        check_scorer_list(self.scores, self.score_options, "scores", "score_options")
         if self.reward_scorer is not None:
             known = [*self.scores, *getattr(self.source, "scorers", [])]
             if self.reward_scorer not in known:

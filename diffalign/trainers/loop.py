@@ -240,17 +240,17 @@ class PreferenceTrainer:
             finite = self.accelerator.gather(finite.to(self.accelerator.device)).min()
         return bool(finite.item())
 
+    @contextlib.contextmanager
     def _lora_dropout_rng(self, first_slot: int):
         """LoRA dropout draws its masks from torch's global generator: seed it per (step, place in the global batch), so the
         masks are counter-based like every other draw (a resumed run draws the same ones; ranks draw different ones)."""
         if not (self.lora and self.cfg.model.lora.dropout > 0):
-            return contextlib.nullcontext()
+            yield
+            return
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.random.fork_rng(devices=devices))
-        seed = seed63(f"{self.cfg.train.seed}/{self.step}/{first_slot}/lora_dropout")
-        torch.manual_seed(seed)  # seeds the CPU and every CUDA generator (inside the fork: restored on exit)
-        return stack
+        with torch.random.fork_rng(devices=devices):  # the global generators are restored on exit
+            torch.manual_seed(seed63(f"{self.cfg.train.seed}/{self.step}/{first_slot}/lora_dropout"))
+            yield
 
     def optimizer_step(self) -> dict[str, float]:
         acc, cfg = self.accelerator, self.cfg

@@ -1,4 +1,4 @@
-"""The shipped recipes of issue 11's methods (InPO, SmPO, RankDPO, dense) train: each runs `diffalign train` in-process
+"""The shipped recipes of the methods after DPO (InPO, SmPO, RankDPO, dense, NPO) train: each runs `diffalign train` in-process
 from the recipe itself, on the tiny builtin pipeline of its family, for two steps.
 
 Only what a CPU test must change is overridden: the tiny model (no separate VAE, no SFT'd start), a tiny data source
@@ -6,7 +6,7 @@ Only what a CPU test must change is overridden: the tiny model (no separate VAE,
 in place of the Syn-Pic prompts and reward models), a tiny resolution, fp32 (fp16 needs a GPU), no lr scaling, batch 1
 and two steps. The method sections, the data settings and the optimizers are the recipes' own: InPO's and SmPO's
 inversion grids, SmPO's PickScore scores (here a tiny random PickScore, scored at prepare time) and official bounds,
-RankDPO's K = 4 and phi, the dense discount.
+RankDPO's K = 4 and phi, the dense discount, NPO's flip and LoRA.
 
 The recipes of one family that share a cache in real use (sd15_dpo's, sdxl_dpo's) share it here too: the first case
 of a family builds it and the others reuse it (SmPO adds its PickScore scores beside the latents).
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # In this order, a family's shared cache is read both after SmPO scored it (sd15) and before (sdxl).
 FAMILY = {"sd15_smpo": "sd15", "sd15_inpo": "sd15", "sd15_dense": "sd15", "sdxl_inpo": "sdxl", "sdxl_smpo": "sdxl",
-          "sdxl_rankdpo": "sdxl"}
+          "sdxl_rankdpo": "sdxl", "sd15_npo": "sd15", "sdxl_npo": "sdxl"}
 TINY = {"sd15": "builtin:tiny-sd15", "sdxl": "builtin:tiny-sdxl"}
 COMMON = [
     "model.vae=null", "model.init_from=null",
@@ -54,7 +54,8 @@ def _overrides(name: str, shared: dict) -> list[str]:
     args = [f"model.pretrained={TINY[family]}", *COMMON, f"train.output_dir={root / 'runs' / name}"]
     if name == "sdxl_rankdpo":
         return [*args, SYNTHETIC, f"data.cache_dir={root / f'cache-{family}-synthetic'}"]
-    args += [f"data.source.path={shared['parquet']}", f"data.cache_dir={root / f'cache-{family}-pairs'}"]
+    cache = f"cache-{family}-npo" if name.endswith("_npo") else f"cache-{family}-pairs"  # NPO's pairing and ties differ
+    args += [f"data.source.path={shared['parquet']}", f"data.cache_dir={root / cache}"]
     if name.endswith("_smpo"):
         args.append(f"data.score_options={{pickscore: {{path: {shared['pickscore']}}}}}")
     return args
@@ -72,7 +73,11 @@ def test_method_recipe_trains_on_the_tiny_model(name, shared):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["loss"] == r["loss"] and r["loss"] >= 0 for r in rows)  # finite (not NaN), non-negative
-    assert (run / "final" / "unet" / "config.json").is_file()  # every new recipe fine-tunes the full UNet
+    if recipe.model.finetune == "lora":  # NPO: the LoRA offset, exported with the run's config (which names the method)
+        assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+        assert load_config(run / "final" / "config.yaml").method.name == recipe.method.name
+    else:
+        assert (run / "final" / "unet" / "config.json").is_file()
     if name.endswith("_smpo"):  # PickScore scored the cache at prepare time; pairs ordered by it: p >= 1/2
         assert (Path(cfg.data.cache_dir) / "scores" / "pickscore" / "summary.json").is_file()
         assert all(r["p"] >= 0.5 for r in rows)

@@ -125,7 +125,31 @@ def test_dense_sampled_redraws_t_from_its_own_stream(demo_trainer):
     assert torch.equal(a, b) and not torch.equal(a, plain)
 
 
-@pytest.mark.parametrize("name", ["inpo", "smpo", "rankdpo", "dense"])
+def test_npo_is_the_dpo_loss_on_the_flipped_pair(demo_trainer):
+    """Diffusion-NPO: -[p·log σ(-z) + (1-p)·log σ(z)] with z the DPO logit, written out from the per-image errors."""
+    from diffalign.trainers.methods.denoising import denoising_errors
+
+    trainer, batch, draws = demo_trainer
+    loss, metrics = _method("npo", beta=3000).loss(trainer.models, batch, draws)
+    pair = batch.pair()
+    err = denoising_errors(trainer.models, batch, pair.images)
+    (m_w, m_l), (r_w, r_l) = err.policy.unbind(1), err.reference.unbind(1)
+    z = -1500.0 * ((m_w - r_w) - (m_l - r_l))
+    p = pair.label.to(z)
+    expected = -(p * torch.nn.functional.logsigmoid(-z) + (1 - p) * torch.nn.functional.logsigmoid(z)).mean()
+    assert z.abs().min() > 1e-3  # the pairs are not ties under the model: flipping matters
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+    dpo_loss, _ = DPO(DPOMethod(beta=3000)).loss(trainer.models, batch, draws)
+    assert not torch.isclose(loss, dpo_loss)
+    torch.testing.assert_close(metrics["reward_margin"], z.mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_npo_refuses_to_be_unflipped():
+    with pytest.raises(Exception, match="use method.name: dpo"):
+        _method("npo", flip="false")
+
+
+@pytest.mark.parametrize("name", ["inpo", "smpo", "rankdpo", "dense", "npo"])
 def test_each_toy_recipe_trains_on_the_tiny_model(tmp_path_factory, name):
     tmp = tmp_path_factory.getbasetemp() / "toy-recipes"  # the four share one small synthetic cache
     args = ["train", f"toy/{name}", "model.pretrained=builtin:tiny-sdxl", "model.lora.rank=2", "model.lora.alpha=2",

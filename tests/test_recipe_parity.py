@@ -179,6 +179,76 @@ OFFICIAL.update({
     "sd15_smpo": {**_SMPO, **_FORK_SD15, "method.beta": 2000.0, "method.inversion_steps": 5},  # --beta_dpo 2000; set_timesteps(5) for SD1.5
     "sdxl_smpo": {**_SMPO, **_FORK_SDXL, "method.beta": 5000.0, "method.inversion_steps": 10},  # --beta_dpo 5000; set_timesteps(10) for SDXL
 })
+# G-U-N/Diffusion-NPO (commit 5b5fc9c): DPO-DPO-NPO/run_sd15.sh, run_sdxl.sh and the diffusers-derived train_sd15.py /
+# train_sdxl.py they launch (research/npo_grpo.md §1(b), §1(d)).
+_NPO = {
+    "model.finetune": "lora",
+    "model.lora.rank": 8,  # --rank=8
+    "model.lora.alpha": 8.0,  # lora_alpha = rank
+    "model.lora.dropout": 0.0,
+    "model.lora.target_modules": ["to_k", "to_q", "to_v", "to_out.0"],
+    "model.lora.init": "gaussian",
+    "model.gradient_checkpointing": True,  # --gradient_checkpointing
+    "model.attention": "xformers",  # run_sd15.sh passes --enable_xformers_memory_efficient_attention (run_sdxl.sh: the default)
+    "data.crop": "center",
+    "data.random_flip": True,
+    "data.flip_at": "train",  # flipped per access in the dataset transform
+    "data.resize": "official",  # transforms.Resize(resolution, BILINEAR)
+    "data.ties": "keep",  # ties pass through unflipped, trained as hard pairs
+    "data.caption_dropout": 0.0,
+    "method.name": "npo",
+    "method.flip": True,  # `if label_0 == 1: flip` (Diffusion-DPO flips on 0)
+    "optim.optimizer": "adamw8bit",  # --use_8bit_adam
+    "optim.lr": 5e-6,  # --learning_rate=5e-6
+    "optim.scale_lr": False,
+    "optim.weight_decay": 1e-2,
+    "optim.betas": [0.9, 0.999],
+    "optim.eps": 1e-8,
+    "optim.schedule": "constant",  # --lr_scheduler="constant"
+    "optim.warmup_steps": 0,
+    "optim.max_grad_norm": 1.0,
+    "train.seed": 0,  # --seed=0
+    "train.max_steps": 5000,  # --max_train_steps=5000 (released: the step-2000 checkpoint)
+    "train.mixed_precision": "fp16",
+    "train.allow_tf32": False,
+    "train.ema.enabled": False,
+    "eval.validation_every": 500,  # --run_validation --validation_steps=500
+    "eval.num_inference_steps": 25,
+}
+OFFICIAL.update({
+    "sd15_npo": {
+        **_NPO,
+        "model.pretrained": "runwayml/stable-diffusion-v1-5",  # run_sd15.sh: a local copy of SD1.5
+        "model.vae": None,
+        "model.vae_fp16_safe": True,  # train_sd15.py L554 casts the VAE to fp16
+        "data.resolution": 512,  # --resolution=512
+        "data.pairing": "per_image",  # the transform runs on each image of the pair
+        "method.beta": 1000.0,  # --beta_dpo=500 in -logsigmoid(beta * Delta'), no 1/2 (train_sd15.py L880-883)
+        "train.batch_size": 64,  # --train_batch_size=64
+        "train.grad_accum": 1,
+        "train.checkpoint_every": 1000,  # --checkpointing_steps=1000
+        "train.resume": None,
+        "log.tracker": "tensorboard",  # --report_to="tensorboard"
+        "eval.guidance_scale": 7.5,  # the pipeline default
+    },
+    "sdxl_npo": {
+        **_NPO,
+        "model.pretrained": "stabilityai/stable-diffusion-xl-base-1.0",  # run_sdxl.sh: a local copy
+        "model.vae": "madebyollin/sdxl-vae-fp16-fix",  # run_sdxl.sh: sdxl-vae-fp16-fix
+        "model.vae_fp16_safe": False,  # train_sdxl.py L658 keeps the VAE in fp32
+        "model.attention": "sdpa",  # run_sdxl.sh does not enable xformers
+        "data.resolution": 1024,  # --resolution default
+        "data.pairing": "shared",  # resize, flip and crop run on the concatenated pair
+        "data.time_ids": "original",  # compute_time_ids(original_size, crop_top_left)
+        "method.beta": 2000.0,  # --beta_dpo=2000, -0.5 * beta form (train_sdxl.py L1040-1043)
+        "train.batch_size": 30,  # --train_batch_size=30
+        "train.grad_accum": 2,  # --gradient_accumulation_steps=2
+        "train.checkpoint_every": 500,  # --checkpointing_steps=500
+        "train.resume": "latest",  # --resume_from_checkpoint="latest"
+        "log.tracker": "wandb",  # --report_to="wandb"
+        "eval.guidance_scale": 5.0,  # train_sdxl.py L121
+    },
+})
 # Shipped configs that are not official recipes, by name, with what their header must say.
 NOT_OFFICIAL = {
     "sdxl_rankdpo": "reconstructed",  # RankDPO: no official code (snap-research/RankDPO unavailable); paper values where known
@@ -190,6 +260,7 @@ NOT_OFFICIAL = {
     "toy/smpo": "toy",
     "toy/rankdpo": "toy",
     "toy/dense": "toy",
+    "toy/npo": "toy",
     "toy_eval_heldout": "toy",
 }
 _RECIPE = re.compile(r"^# Recipe: (official|reconstructed|toy)\b", re.M)

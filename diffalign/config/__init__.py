@@ -24,6 +24,7 @@ from diffalign.config.methods import (
     DenseMethod,
     DPOMethod,
     InPOMethod,
+    NPOMethod,
     RankDPOMethod,
     SFTMethod,
     SmPOMethod,
@@ -52,7 +53,7 @@ from diffalign.config.sections import (
 
 __all__ = [
     "BETA_CONVENTION", "BUILTIN_TINY_SD15", "BUILTIN_TINY_SDXL", "BUILTIN_TOY", "Config", "ConfigError", "DPOMethod", "DataConfig",
-    "DenseMethod", "InPOMethod", "RankDPOMethod", "SmPOMethod",
+    "DenseMethod", "InPOMethod", "NPOMethod", "RankDPOMethod", "SmPOMethod",
     "DemoSource", "EMAConfig", "EVAL_ONLY_PROMPT_SETS", "EvalConfig", "FolderSource", "Hpdv2Source", "LogConfig", "LoraConfig", "METHOD_CONFIGS",
     "MethodConfig", "ModelConfig", "OptimConfig", "PROMPT_SETS", "PickapicSource", "SFTMethod", "SOURCE_CONFIGS", "Section",
     "SourceConfig", "SyntheticSource", "TrainConfig", "apply_overrides", "dump_config", "load_config", "parse_override", "read_yaml",

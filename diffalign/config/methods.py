@@ -33,8 +33,15 @@ _BETA = (
 )
 
 
-class PairwiseLabelNoise(Section):
-    """Label-noise-robust training, a field set of the shared pairwise objective (`diffalign.objectives.pairwise_loss`)."""
+class PairwiseLabel(Section):
+    """How a pair's label enters the shared pairwise objective (`diffalign.objectives.pairwise_loss`): its orientation and
+    label-noise-robust training. Every pairwise method (DPO, InPO, NPO, dense) has these fields."""
+
+    flip: bool = Field(
+        False,
+        description="Read every pair the other way round (label p -> 1-p): the dispreferred image is trained as the winner. "
+        "Diffusion-NPO trains its negative model this way (method.name: npo forces it on).",
+    )
 
     label_noise: Literal["none", "conservative", "unbiased"] = Field(
         "none",
@@ -56,6 +63,10 @@ class PairwiseLabelNoise(Section):
             raise ValueError("noise_rate > 0 needs label_noise: conservative or unbiased")
         return self
 
+    def pairwise_options(self) -> dict:
+        """The keyword arguments of `pairwise_loss` / `dpo_loss` these fields set."""
+        return dict(flip=self.flip, label_noise=self.label_noise, noise_rate=self.noise_rate, logit_limit=self.logit_limit)
+
 
 class Inversion(Section):
     """How a latent reaches the training level t by inverting the sampler instead of forward noising (InPO, SmPO)."""
@@ -73,16 +84,37 @@ class Inversion(Section):
     )
 
 
-class DPOMethod(PairwiseLabelNoise):
+class DPOMethod(PairwiseLabel):
     name: Literal["dpo"] = Field("dpo", description="Method tag: Diffusion-DPO (Wallace et al., 2023, arXiv:2311.12908).")
     beta: float = Field(5000.0, gt=0, description=_BETA + "Official: 5000 (SD1.5 paper value 2000). Typical range 2000-5000.")
+
+
+class NPOMethod(PairwiseLabel):
+    name: Literal["npo"] = Field(
+        "npo",
+        description="Method tag: Diffusion-NPO (Wang et al., ICLR 2025, arXiv:2505.11245): Diffusion-DPO with every pair flipped, "
+        "training a model of what people dislike for the negative branch of classifier-free guidance (`diffalign generate --npo`).",
+    )
+    beta: float = Field(
+        2000.0,
+        gt=0,
+        description=_BETA + "Official: SDXL 2000 (train_sdxl.py, -β/2 as here); SD1.5 500 in a loss without the ½ "
+        "(train_sd15.py L880-883), which is 1000 here.",
+    )
+    flip: bool = Field(True, description="Always true for NPO (the dispreferred image is trained as the winner); false is method.name: dpo.")
+
+    @model_validator(mode="after")
+    def _always_flipped(self):
+        if not self.flip:
+            raise ValueError("method.flip: false would train Diffusion-DPO, not the negative model; use method.name: dpo for that")
+        return self
 
 
 class SFTMethod(Section):
     name: Literal["sft"] = Field("sft", description="Method tag: supervised fine-tuning on the preferred image only (the official `--sft` baseline).")
 
 
-class InPOMethod(PairwiseLabelNoise, Inversion):
+class InPOMethod(PairwiseLabel, Inversion):
     name: Literal["inpo"] = Field(
         "inpo", description="Method tag: DDIM-InPO (Lu et al., CVPR 2025, arXiv:2503.18454): the DPO loss on DDIM-inverted latents."
     )
@@ -139,7 +171,7 @@ class RankDPOMethod(Section):
     noise: Literal["shared", "per_image"] = Field("shared", description="One ε shared by the K images (as Diffusion-DPO) or one per image.")
 
 
-class DenseMethod(PairwiseLabelNoise):
+class DenseMethod(PairwiseLabel):
     name: Literal["dense"] = Field(
         "dense",
         description="Method tag: dense-reward temporal discounting (Yang et al., ICML 2024, arXiv:2402.08265) in an offline form "
@@ -162,6 +194,7 @@ METHOD_CONFIGS: dict[str, type[Section]] = {
     "smpo": SmPOMethod,
     "rankdpo": RankDPOMethod,
     "dense": DenseMethod,
+    "npo": NPOMethod,
 }
 
 

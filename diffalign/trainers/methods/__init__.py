@@ -10,6 +10,7 @@ from diffalign.trainers.methods.base import Method, Metrics, Needs, OnlineMethod
 from diffalign.trainers.methods.dense import Dense
 from diffalign.trainers.methods.dpo import DPO
 from diffalign.trainers.methods.inpo import InPO
+from diffalign.trainers.methods.npo import NPO
 from diffalign.trainers.methods.rankdpo import RankDPO
 from diffalign.trainers.methods.sft import SFT
 from diffalign.trainers.methods.smpo import SmPO
@@ -21,6 +22,7 @@ METHODS: dict[str, type] = {
     "smpo": SmPO,
     "rankdpo": RankDPO,
     "dense": Dense,
+    "npo": NPO,
 }
 
 

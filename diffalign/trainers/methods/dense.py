@@ -41,7 +41,7 @@ class Dense:
         pair = batch.pair()
         err = denoising_errors(models, batch, pair.images)
         (m_w, m_l), (r_w, r_l) = err.policy.unbind(1), err.reference.unbind(1)
-        pairwise = dict(label=pair.label.to(m_w.device), label_noise=cfg.label_noise, noise_rate=cfg.noise_rate, logit_limit=cfg.logit_limit)
+        pairwise = dict(label=pair.label.to(m_w.device), **cfg.pairwise_options())
         if cfg.variant == "weighted":
             out = dense_dpo_loss(m_w, m_l, r_w, r_l, cfg.beta, batch.t.to(m_w.device), cfg.gamma, num_steps=cfg.num_steps,
                                  num_train_timesteps=T, **pairwise)

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 
-from diffalign.config import DPOMethod
+from diffalign.config import DPOMethod, NPOMethod
 from diffalign.objectives import dpo_loss
 from diffalign.trainers.methods.base import Needs
 from diffalign.trainers.methods.denoising import denoising_errors
@@ -21,15 +21,14 @@ class DPO:
     needs: ClassVar[Needs] = Needs(reference=True)
     progress_keys: ClassVar[tuple[str, ...]] = ("loss", "implicit_acc")
 
-    def __init__(self, cfg: DPOMethod):
+    def __init__(self, cfg: DPOMethod | NPOMethod):
         self.cfg = cfg
 
     def loss(self, models, batch, draws):
         cfg, pair = self.cfg, batch.pair()
         err = denoising_errors(models, batch, pair.images)
         (m_w, m_l), (r_w, r_l) = err.policy.unbind(1), err.reference.unbind(1)
-        out = dpo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta, label=pair.label.to(m_w.device), label_noise=cfg.label_noise,
-                       noise_rate=cfg.noise_rate, logit_limit=cfg.logit_limit)
+        out = dpo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta, label=pair.label.to(m_w.device), **cfg.pairwise_options())
         return out.loss, pairwise_metrics(out, m_w, m_l, r_w, r_l)
 
 

@@ -37,6 +37,5 @@ class InPO:
         target = models.schedule.target(x0, tau, t)
         err = errors_at(models, batch, pair.images, x_t, target, t)
         (m_w, m_l), (r_w, r_l) = err.policy.unbind(1), err.reference.unbind(1)
-        out = dpo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta, label=pair.label.to(m_w.device), label_noise=cfg.label_noise,
-                       noise_rate=cfg.noise_rate, logit_limit=cfg.logit_limit)
+        out = dpo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta, label=pair.label.to(m_w.device), **cfg.pairwise_options())
         return out.loss, pairwise_metrics(out, m_w, m_l, r_w, r_l)

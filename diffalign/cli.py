@@ -5,6 +5,7 @@
     diffalign configs                                    list the shipped recipes
     diffalign bench toy --methods dpo --out report.json  align the toy model, report win-rates vs. base
     diffalign demo                                       the whole loop on the embedded toy world
+    diffalign generate --model M --prompts P ... --out DIR   images (+ metadata.jsonl), optionally with NPO-CFG (--npo)
     diffalign score DIR --scorers a,b                    score an image folder (CSV/jsonl + summary table)
     diffalign compare DIR_A DIR_B --scorers a,b          win-rate of A over B, images paired by prompt and seed
     diffalign scorers                                    list the scorers and what each needs
@@ -283,6 +284,71 @@ def _cmd_prompts(args: argparse.Namespace) -> None:
     print(f"{len(rows)} prompts written to {out}")
 
 
+def _seeds(words: list[str]) -> list[int]:
+    """``0 1 2`` and ranges ``0-9`` (inclusive), in the order given, each seed once."""
+    seeds: list[int] = []
+    for word in words:
+        first, dash, last = word.partition("-")
+        try:
+            span = range(int(first), int(last) + 1) if dash and first else [int(word)]
+        except ValueError:
+            raise ConfigError(f"--seeds {word!r}: give integers or ranges like 0-9") from None
+        seeds += [s for s in span if s not in seeds]
+    if not seeds:
+        raise ConfigError("--seeds: no seeds (an empty range?)")
+    return seeds
+
+
+def _generation_prompts(args: argparse.Namespace) -> list[str]:
+    import json
+    from pathlib import Path
+
+    from diffalign.data.errors import DataError
+    from diffalign.eval.imagefolder import read_prompt_list
+
+    given = [x for x in (args.prompts, args.prompts_file, args.prompt_set) if x]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --prompts, --prompts-file, --prompt-set")
+    if args.prompts:
+        return list(args.prompts)
+    if args.prompt_set:
+        if args.prompt_set == "parti":
+            from diffalign.eval.prompts import parti_prompts
+
+            return [p.prompt for p in parti_prompts()]
+        from diffalign.toy.scenes import HELD_OUT, TRAIN
+
+        return [spec.caption for spec in {"toy-train": TRAIN, "toy-held-out": HELD_OUT}[args.prompt_set]]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise DataError(f"--prompts-file {path}: not found")
+    if path.suffix == ".jsonl":  # `diffalign prompts ... --out x.jsonl` writes one {"prompt": ...} object per line
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
+            raise DataError(f"{path}: each line needs a \"prompt\" string")
+        return [r["prompt"] for r in rows]
+    return read_prompt_list(path)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from diffalign.pipelines.generate import Settings, generate_folder, load_generation_pipeline, warn_if_negative
+
+    if args.lora and args.unet:
+        raise ConfigError("give --lora or --unet, not both (one positive model)")
+    prompts, seeds = _generation_prompts(args), _seeds(args.seeds)
+    settings = Settings(model=args.model, adapter=args.lora or args.unet, adapter_scale=args.lora_scale, npo=args.npo,
+                        npo_alpha=args.npo_alpha, npo_beta=args.npo_beta, steps=args.steps, guidance=args.guidance_scale,
+                        scheduler=args.scheduler, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                        dtype=args.dtype)
+    warn_if_negative(settings.adapter, "--lora" if args.lora else "--unet")
+    pipe = load_generation_pipeline(settings, lora=args.unet is None, device=args.device)
+    counts = generate_folder(pipe, prompts, seeds, Path(args.out), settings, batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"{counts['total']} images in {args.out} ({counts['generated']} generated, {counts['skipped']} already there); "
+          f"metadata.jsonl and contact_sheet.png beside them")
+
+
 def _cmd_bench_hpsv2(args: argparse.Namespace) -> None:
     import json
 
@@ -392,6 +458,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", default=None, help="the run appends one JSON line here (default CACHE_ROOT/ledger.jsonl)")
     p.add_argument("--fresh", action="store_true", help="rebuild the data and retrain, replacing the cached entries")
     p.set_defaults(fn=_cmd_bench_toy, methods="dpo", quick=False, set=[], eval_split="held_out")
+    text = "generate images for prompts x seeds into a folder (metadata.jsonl, contact sheet), optionally with NPO weights in CFG"
+    p = sub.add_parser("generate", help=text, description=text)
+    p.add_argument("--model", required=True, help="base pipeline: a diffusers directory, a hub id, or builtin:toy")
+    p.add_argument("--prompts", nargs="+", default=None, help="prompts on the command line")
+    p.add_argument("--prompts-file", default=None, help=".txt (one per line), .json list, or .jsonl with a \"prompt\" field "
+                   "(what `diffalign prompts` writes)")
+    p.add_argument("--prompt-set", default=None, choices=("parti", "toy-train", "toy-held-out"), help="a built-in prompt set")
+    p.add_argument("--seeds", nargs="+", default=["0"], help="seeds and inclusive ranges, e.g. 0 1 2 or 0-9 (each prompt gets each seed)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance w")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (stacks with --npo, as in the official NPO code)")
+    p.add_argument("--height", type=int, default=None, help="default: the model's own size")
+    p.add_argument("--width", type=int, default=None, help="default: the model's own size")
+    p.add_argument("--scheduler", default="ddim", help="ddim (η = 0), euler, euler_a, dpm++, pndm, unipc")
+    p.add_argument("--lora", default=None, help="positive LoRA: a .safetensors file or a directory holding one (a diffalign run's final/)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="weight of the positive LoRA")
+    p.add_argument("--unet", default=None, help="positive full UNet: a directory with config.json, or one whose unet/ is")
+    p.add_argument("--npo", default=None, help="NPO / Self-NPO weights (LoRA or full UNet) for the negative branch of CFG")
+    p.add_argument("--npo-alpha", type=float, default=1.0, help="α: share of the positive offset in the negative branch (official 1)")
+    p.add_argument("--npo-beta", type=float, default=1.0, help="β: weight of the NPO offset in the negative branch (official 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (images do not depend on it)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", required=True, help="output folder (rerunning skips images already there with the same settings)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=_cmd_generate)
     text = "score every image of a folder with one or more reward models"
     p = sub.add_parser("score", help=text, description=text)
     p.add_argument("dir", help="image folder (prompts from its metadata.jsonl, --prompts, or a sidecar .txt per image)")

@@ -105,9 +105,11 @@ class NPOGuidanceMixin:
 
     branches: GuidanceBranches | None = None
 
-    def load_npo(self, npo: str | Path | None = None, *, positive: str | Path | None = None, alpha: float = 1.0, beta: float = 1.0):
+    def load_npo(self, npo: str | Path | None = None, *, positive: str | Path | None = None, alpha: float = 1.0, beta: float = 1.0,
+                 positive_scale: float = 1.0):
         """Put the NPO offset δ (weights at `npo`) into the negative branch, θ_base + α·η + β·δ, and the optional
-        positive offset η (weights at `positive`) into the positive branch, θ_base + η. Either is a LoRA or a full UNet
+        positive offset η (weights at `positive`; a LoRA's η is scaled by `positive_scale`) into the positive branch,
+        θ_base + η. Either is a LoRA or a full UNet
         (`diffalign.pipelines.weights`). LoRAs become adapters of the pipeline's own UNet, switched per branch; any
         full UNet makes the negative branch a second, merged UNet. α = β = 0 without `positive` is plain CFG.
         Official defaults: α = 1 (``merge_weight`` 0: the whole positive offset), β = 1. Returns the pipeline."""
@@ -130,7 +132,7 @@ class NPOGuidanceMixin:
                     positive_unet = load_unet(eta, base)
                     add_unet_offset(negative, positive_unet, base_weights, alpha)
                 else:
-                    add_lora_offset(negative, base, POSITIVE, alpha)
+                    add_lora_offset(negative, base, POSITIVE, alpha * positive_scale)
             if delta is not None:
                 if delta.kind == "unet":
                     add_unet_offset(negative, load_unet(delta, base), base_weights, beta)
@@ -140,12 +142,13 @@ class NPOGuidanceMixin:
             negative.requires_grad_(False).eval()
             if positive_unet is not base:  # a full positive model replaces the base UNet (the negative copy holds θ_base's part)
                 self.register_modules(unet=positive_unet)
-            self.branches = GuidanceBranches(positive_unet, negative, {POSITIVE: 1.0} if eta is not None and eta.kind == "lora" else {})
+            lora_eta = {POSITIVE: positive_scale} if eta is not None and eta.kind == "lora" else {}
+            self.branches = GuidanceBranches(positive_unet, negative, lora_eta)
         else:
-            weights = {POSITIVE: alpha} if eta is not None else {}
+            weights = {POSITIVE: alpha * positive_scale} if eta is not None else {}
             if delta is not None:
                 weights[NPO] = beta
-            self.branches = GuidanceBranches(base, base, {POSITIVE: 1.0} if eta is not None else {}, weights)
+            self.branches = GuidanceBranches(base, base, {POSITIVE: positive_scale} if eta is not None else {}, weights)
         return self
 
     def __call__(self, *args, **kwargs):

@@ -33,17 +33,39 @@ def sample_images(
     batch_size: int = 64,
     progress=None,
 ) -> list[Image.Image]:
-    """One image per (prompt, seed), DDIM (η = 0), classifier-free guidance; `progress` is called with the count done."""
+    """One image per (prompt, seed) from the components' pipeline (DDIM, η = 0; optionally another UNet): `sample_with`."""
+    pipe = build_pipeline(components, unet)
+    return sample_with(pipe, prompts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                       height=resolution, width=resolution, batch_size=batch_size, progress=progress)
+
+
+@torch.no_grad()
+def sample_with(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 5.0,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    batch_size: int = 64,
+    progress=None,
+) -> list[Image.Image]:
+    """One image per (prompt, seed) from a diffusers text-to-image pipeline, classifier-free guidance; `progress` is
+    called with the count done. Each image's starting noise comes from its own generator seeded with its seed (on the
+    CPU), so an image does not depend on the batch it was drawn in."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    pipe = build_pipeline(components, unet)
     pipe.set_progress_bar_config(disable=True)
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i : i + batch_size])
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
-        out = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=resolution, width=resolution,
-                   generator=generators)
+        negative = None if negative_prompt is None else [negative_prompt] * len(chunk)
+        out = pipe(chunk, negative_prompt=negative, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                   height=height, width=width, generator=generators)
         images.extend(out.images)
         if progress is not None:
             progress(len(chunk))

@@ -1,0 +1,167 @@
+"""`diffalign generate`: images for (prompt, seed) pairs into a folder that `score` and `compare` read.
+
+1. `load_generation_pipeline` loads the positive model (a base pipeline plus an optional LoRA at a scale, or a full
+   UNet: diffalign's own ``final/`` directories load as they are) and, optionally, NPO weights for the negative branch
+   of CFG with α and β (`diffalign.pipelines.guidance`). Without NPO weights it is plain CFG on the positive model.
+2. `generate_folder` samples every (prompt, seed) not already in the folder with the same settings, saves
+   ``p<prompt index>_s<seed>.png``, rewrites ``metadata.jsonl`` after every batch (atomically) and paints a contact
+   sheet. Sampling goes through `diffalign.models.sampling.sample_with`, as the toy bench's does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from diffalign.config import ModelConfig
+from diffalign.eval.imagefolder import METADATA
+from diffalign.imagegrid import paint_grid
+from diffalign.io import atomic_write_text
+from diffalign.models.errors import ModelLoadError
+from diffalign.models.loading import build_pipeline, load_components
+from diffalign.models.quiet import quiet_loading
+from diffalign.models.sampling import sample_with
+from diffalign.pipelines.weights import find_weights, is_negative_model
+
+SCHEDULERS = {  # name -> diffusers class; every one is built from the model's own scheduler config
+    "ddim": "DDIMScheduler",  # η = 0, diffalign's default (the toy bench and validation sample with it)
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",  # Diffusion-NPO's gen.sh: DPMSolverMultistep, 25 steps
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CONTACT_SHEET = "contact_sheet.png"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides an image besides its prompt and seed (written on every metadata line)."""
+
+    model: str
+    adapter: str | None = None  # the positive LoRA or UNet
+    adapter_scale: float = 1.0
+    npo: str | None = None
+    npo_alpha: float = 1.0
+    npo_beta: float = 1.0
+    steps: int = 20
+    guidance: float = 5.0
+    scheduler: str = "ddim"
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    dtype: str = "fp32"
+
+
+def load_generation_pipeline(settings: Settings, *, lora: bool = True, device: str = "cpu"):
+    """The NPO-CFG pipeline for `settings` (positive model: `settings.adapter` as a LoRA when `lora`, else as a full UNet)."""
+    from diffalign.pipelines.pipeline_sd_npo import StableDiffusionNPOPipeline
+    from diffalign.pipelines.pipeline_sdxl_npo import StableDiffusionXLNPOPipeline
+
+    if settings.scheduler not in SCHEDULERS:
+        raise ModelLoadError(f"--scheduler {settings.scheduler!r}: one of {', '.join(SCHEDULERS)}")
+    if settings.adapter is not None:
+        kind = find_weights(settings.adapter, "--lora" if lora else "--unet").kind
+        if kind != ("lora" if lora else "unet"):
+            flag = "--unet" if kind == "unet" else "--lora"
+            raise ModelLoadError(f"{settings.adapter} holds a {'full UNet' if kind == 'unet' else 'LoRA'}: pass it as {flag}")
+        if kind == "unet" and settings.adapter_scale != 1.0:
+            raise ModelLoadError("--lora-scale applies to a LoRA; a full UNet (--unet) is used as it is")
+    components = load_components(ModelConfig(pretrained=settings.model))
+    base = build_pipeline(components)
+    cls = StableDiffusionXLNPOPipeline if components.family == "sdxl" else StableDiffusionNPOPipeline
+    with quiet_loading():
+        pipe = cls.from_pipe(base)  # the same components and settings (SDXL: no watermark, the model's empty-prompt zeros)
+    scheduler_cls = getattr(__import__("diffusers", fromlist=[SCHEDULERS[settings.scheduler]]), SCHEDULERS[settings.scheduler])
+    pipe.scheduler = scheduler_cls.from_config(components.scheduler.config)
+    pipe.load_npo(settings.npo, positive=settings.adapter, alpha=settings.npo_alpha, beta=settings.npo_beta,
+                  positive_scale=settings.adapter_scale)
+    with quiet_loading():
+        pipe.to(device=device, dtype=DTYPES[settings.dtype])
+        if pipe.branches.negative_unet is not pipe.branches.positive_unet:
+            pipe.branches.negative_unet.to(device=device, dtype=DTYPES[settings.dtype])
+    return pipe
+
+
+def warn_if_negative(ref: str | None, flag: str) -> None:
+    if ref is not None and is_negative_model(ref):
+        print(f"warning: {ref} was trained as a negative model (npo / self_npo); as {flag} it makes images people dislike. "
+              "Pass it as --npo to put it in the negative branch of CFG.", file=sys.stderr)
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    return f"p{prompt_index:05d}_s{seed}.png"
+
+
+def generate_folder(pipe, prompts: list[str], seeds: list[int], out: Path, settings: Settings, *, batch_size: int = 8,
+                    progress: bool = True) -> dict:
+    """Every (prompt, seed) image into `out`, skipping those whose metadata line matches (file present, same settings).
+    Returns counts: generated, skipped, total."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = asdict(settings)
+    lines = _read_metadata(out)
+    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
+    todo = [(i, p, s) for i, p, s in jobs if not _done(out, lines.get(image_name(i, s)), p, s, meta)]
+    bar = _progress(len(todo), progress)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        images = sample_with(pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk], num_inference_steps=settings.steps,
+                             guidance_scale=settings.guidance, height=settings.height, width=settings.width,
+                             negative_prompt=settings.negative_prompt, batch_size=batch_size)
+        for (i, p, s), image in zip(chunk, images):
+            image.save(out / image_name(i, s))
+            lines[image_name(i, s)] = {"file": image_name(i, s), "prompt": p, "seed": s, **meta}
+        _write_metadata(out, lines)
+        bar.update(len(chunk))
+    bar.close()
+    _write_metadata(out, lines)
+    contact_sheet(out, [lines[image_name(i, s)] for i, _, s in jobs]).save(out / CONTACT_SHEET)
+    return {"generated": len(todo), "skipped": len(jobs) - len(todo), "total": len(jobs)}
+
+
+def _done(out: Path, line: dict | None, prompt: str, seed: int, meta: dict) -> bool:
+    if line is None or not (out / line["file"]).is_file():
+        return False
+    return line.get("prompt") == prompt and line.get("seed") == seed and all(line.get(k) == v for k, v in meta.items())
+
+
+def _read_metadata(out: Path) -> dict[str, dict]:
+    path = out / METADATA
+    if not path.is_file():
+        return {}
+    lines = {}
+    for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if text.strip():
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ModelLoadError(f"{path}:{n}: not JSON ({e.msg}); move the file away to start the folder afresh") from e
+            lines[obj["file"]] = obj
+    return lines
+
+
+def _write_metadata(out: Path, lines: dict[str, dict]) -> None:
+    atomic_write_text(out / METADATA, "".join(json.dumps(lines[k], ensure_ascii=False) + "\n" for k in sorted(lines)))
+
+
+def contact_sheet(out: Path, lines: list[dict], max_rows: int = 16, max_cols: int = 8) -> Image.Image:
+    """The first prompts' images, one row per prompt (its seeds across), the prompt above each row."""
+    rows: dict[str, list[dict]] = {}
+    for line in lines:
+        rows.setdefault(line["prompt"], []).append(line)
+    shown = list(rows.items())[:max_rows]
+    images = [[Image.open(out / line["file"]).convert("RGB") for line in row[:max_cols]] for _, row in shown]
+    cell = min(256, max(64, images[0][0].width)) if images else 64
+    return paint_grid(images, cell=cell, captions=[[prompt[:100]] for prompt, _ in shown])
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generating", unit="img", disable=not enabled or total == 0)

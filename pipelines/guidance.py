@@ -43,22 +43,32 @@ POSITIVE, NPO = "positive", "npo"  # adapter names
 
 @dataclass
 class GuidanceBranches:
-    """The UNet and active LoRA adapters ({name: weight}; {} = adapters off) of each branch."""
+    """The UNet and LoRA adapter weights ({name: weight}; an adapter not named runs at weight 0) of each branch."""
 
     positive_unet: UNet2DConditionModel
     negative_unet: UNet2DConditionModel
     positive_adapters: dict[str, float] = field(default_factory=dict)
     negative_adapters: dict[str, float] = field(default_factory=dict)
+    _current: dict[int, dict[str, float]] = field(default_factory=dict, repr=False)  # the weights each UNet runs now
+    _layers: dict[int, list] = field(default_factory=dict, repr=False)  # each UNet's LoRA layers, found once
 
     def unet(self, branch: str) -> UNet2DConditionModel:
-        """The branch's UNet with its adapters switched on (the same UNet serves both branches when it can)."""
+        """The branch's UNet with its adapter weights set: on each LoRA layer, the branch's adapters of non-zero weight
+        are the active ones, at scale weight·alpha/r (peft's ``LoraLayer.set_scale``). The active list is assigned as
+        peft's ``set_adapter`` assigns it, without that method's walk over every parameter's requires_grad (diffusers'
+        ``set_adapters`` costs more than a toy UNet's forward); an adapter at weight 0 is not computed at all."""
         unet, adapters = (self.positive_unet, self.positive_adapters) if branch == "positive" else (self.negative_unet, self.negative_adapters)
-        if getattr(unet, "peft_config", None):
-            if adapters:
-                unet.enable_adapters()
-                unet.set_adapters(list(adapters), list(adapters.values()))
-            else:
-                unet.disable_adapters()
+        if getattr(unet, "peft_config", None) and self._current.get(id(unet)) != adapters:
+            if id(unet) not in self._layers:
+                from peft.tuners.lora import LoraLayer
+
+                self._layers[id(unet)] = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+            for layer in self._layers[id(unet)]:
+                active = [name for name in layer.lora_A if adapters.get(name, 0.0) != 0.0]
+                for name in active:
+                    layer.set_scale(name, adapters[name])
+                layer._active_adapter = active
+            self._current[id(unet)] = adapters
         return unet
 
 
@@ -98,6 +108,12 @@ class BranchUNet(torch.nn.Module):
 
 def _half(x: torch.Tensor, i: int) -> torch.Tensor:
     return x.chunk(2)[i]
+
+
+def _activate_all(unet: UNet2DConditionModel) -> None:
+    """Every loaded adapter active at weight 1 (the branches then only rescale them)."""
+    if getattr(unet, "peft_config", None):
+        unet.set_adapters(list(unet.peft_config), [1.0] * len(unet.peft_config))
 
 
 class NPOGuidanceMixin:
@@ -143,11 +159,13 @@ class NPOGuidanceMixin:
             if positive_unet is not base:  # a full positive model replaces the base UNet (the negative copy holds θ_base's part)
                 self.register_modules(unet=positive_unet)
             lora_eta = {POSITIVE: positive_scale} if eta is not None and eta.kind == "lora" else {}
+            _activate_all(positive_unet)
             self.branches = GuidanceBranches(positive_unet, negative, lora_eta)
         else:
             weights = {POSITIVE: alpha * positive_scale} if eta is not None else {}
             if delta is not None:
                 weights[NPO] = beta
+            _activate_all(base)
             self.branches = GuidanceBranches(base, base, {POSITIVE: positive_scale} if eta is not None else {}, weights)
         return self
 

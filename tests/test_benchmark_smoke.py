@@ -52,3 +52,15 @@ def test_method_step_cost_benchmark_runs_and_counts_the_inversion_forwards(tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     assert out.is_file() and out.with_suffix(".md").is_file()
     assert "inpo" in out.read_text()
+
+
+def test_npo_cfg_cost_benchmark_runs_every_variant(tmp_path):
+    out = tmp_path / "npo.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "npo_cfg_cost.py"), "--rounds", "1", "--warmup", "0", "--steps", "2", "--no-rss",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"plain CFG", "plain CFG (copy)", "NPO-CFG, one UNet", "NPO-CFG, two UNets (official)"}
+    one, two = rows["NPO-CFG, one UNet"]["weight_mib"], rows["NPO-CFG, two UNets (official)"]["weight_mib"]
+    assert one < 1.1 * rows["plain CFG"]["weight_mib"] < two  # one UNet and two small LoRAs, against a second UNet

@@ -161,8 +161,9 @@ def main() -> None:
                          "peak_rss_mib": rss.get(v)})
 
     plain = rows[0]
+    machine = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     lines = [f"NPO-CFG cost, {args.model}, {len(PROMPTS)} prompts, {args.steps} DDIM steps, guidance 5 "
-             f"(median of {args.rounds} interleaved rounds; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
+             f"(median of {args.rounds} interleaved rounds; {machine})",
              "", "| variant | time ÷ plain CFG | s per call | weights (MiB) | ÷ plain | peak RSS (MiB) |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         rss_text = "—" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"

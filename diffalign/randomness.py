@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-STREAMS = ("timestep", "noise", "latent", "caption_dropout", "flip", "inversion", "image_noise", "discounted_timestep")
+STREAMS = ("timestep", "noise", "latent", "caption_dropout", "flip", "inversion", "image_noise", "discounted_timestep", "self_npo")
 _MASK63 = (1 << 63) - 1
 
 

@@ -149,7 +149,7 @@ def test_npo_refuses_to_be_unflipped():
         _method("npo", flip="false")
 
 
-@pytest.mark.parametrize("name", ["inpo", "smpo", "rankdpo", "dense", "npo"])
+@pytest.mark.parametrize("name", ["inpo", "smpo", "rankdpo", "dense", "npo", "self_npo"])
 def test_each_toy_recipe_trains_on_the_tiny_model(tmp_path_factory, name):
     tmp = tmp_path_factory.getbasetemp() / "toy-recipes"  # the four share one small synthetic cache
     args = ["train", f"toy/{name}", "model.pretrained=builtin:tiny-sdxl", "model.lora.rank=2", "model.lora.alpha=2",

@@ -261,6 +261,7 @@ NOT_OFFICIAL = {
     "toy/rankdpo": "toy",
     "toy/dense": "toy",
     "toy/npo": "toy",
+    "toy/self_npo": "toy",
     "toy_eval_heldout": "toy",
 }
 _RECIPE = re.compile(r"^# Recipe: (official|reconstructed|toy)\b", re.M)

@@ -26,6 +26,7 @@ from diffalign.config.methods import (
     InPOMethod,
     NPOMethod,
     RankDPOMethod,
+    SelfNPOMethod,
     SFTMethod,
     SmPOMethod,
     uses_beta,
@@ -53,7 +54,7 @@ from diffalign.config.sections import (
 
 __all__ = [
     "BETA_CONVENTION", "BUILTIN_TINY_SD15", "BUILTIN_TINY_SDXL", "BUILTIN_TOY", "Config", "ConfigError", "DPOMethod", "DataConfig",
-    "DenseMethod", "InPOMethod", "NPOMethod", "RankDPOMethod", "SmPOMethod",
+    "DenseMethod", "InPOMethod", "NPOMethod", "RankDPOMethod", "SelfNPOMethod", "SmPOMethod",
     "DemoSource", "EMAConfig", "EVAL_ONLY_PROMPT_SETS", "EvalConfig", "FolderSource", "Hpdv2Source", "LogConfig", "LoraConfig", "METHOD_CONFIGS",
     "MethodConfig", "ModelConfig", "OptimConfig", "PROMPT_SETS", "PickapicSource", "SFTMethod", "SOURCE_CONFIGS", "Section",
     "SourceConfig", "SyntheticSource", "TrainConfig", "apply_overrides", "dump_config", "load_config", "parse_override", "read_yaml",

@@ -110,6 +110,33 @@ class NPOMethod(PairwiseLabel):
         return self
 
 
+class SelfNPOMethod(Section):
+    name: Literal["self_npo"] = Field(
+        "self_npo",
+        description="Method tag: Self-NPO (Wang et al., AAAI 2026, arXiv:2505.11777): truncated diffusion fine-tuning toward an EMA "
+        "teacher's own (negatively guided) predictions, a negative model for NPO-CFG trained from images and captions alone.",
+    )
+    teacher_steps: int = Field(5, ge=1, description="K, the teacher's deterministic DDIM steps down the grid (official 5).")
+    grid_points: int = Field(25, ge=2, description="N, the DDIM grid (1..N)·(T/N) - 1 the chain starts and steps on (official 25).")
+    guidance: float = Field(
+        -1.0,
+        description="w in the official x0 convention x̂0_c + w·(x̂0_c - x̂0_u), on x̂0 and ε̂ (official -1 for SD1.5: the "
+        "unconditional prediction; -5 for SDXL). diffusers' CFG scale g = w + 1 (0 and -4).",
+    )
+    uncond: Literal["caption", "zeros"] = Field(
+        "caption",
+        description="The teacher's unconditional input: the encoded empty caption ('caption', official SD1.5) or zero embeddings "
+        "('zeros', official SDXL).",
+    )
+    teacher_decay: float = Field(
+        0.999, ge=0, lt=1, description="EMA decay of the teacher per optimizer step (official 0.999, constant: not train.ema's warm-up)."
+    )
+    loss: Literal["huber", "l2"] = Field(
+        "huber", description="'huber': mean(√((x̂0 - target)² + c²) - c) (the official launchers); 'l2': MSE (the script's default)."
+    )
+    huber_c: float = Field(1e-3, gt=0, description="c of the pseudo-Huber loss (official 1e-3).")
+
+
 class SFTMethod(Section):
     name: Literal["sft"] = Field("sft", description="Method tag: supervised fine-tuning on the preferred image only (the official `--sft` baseline).")
 
@@ -195,6 +222,7 @@ METHOD_CONFIGS: dict[str, type[Section]] = {
     "rankdpo": RankDPOMethod,
     "dense": DenseMethod,
     "npo": NPOMethod,
+    "self_npo": SelfNPOMethod,
 }
 
 

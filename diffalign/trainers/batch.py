@@ -86,6 +86,8 @@ class LatentBatch:
     pair_slots: torch.Tensor  # (B, 2) winner, loser
     pair_label: torch.Tensor  # (B,)
     flipped: torch.Tensor | None = None  # (B, K) bool: image trained mirrored at this access (data.flip_at = 'train')
+    empty_prompt_embeds: torch.Tensor | None = None  # (L, D): the "" caption, as caption dropout uses it
+    empty_pooled: torch.Tensor | None = None  # (D2,) (SDXL)
 
     @property
     def size(self) -> int:
@@ -118,6 +120,18 @@ class LatentBatch:
             return Cond(self.prompt_embeds.repeat(n, 1, 1))
         time_ids = torch.cat([self.time_ids[rows, which] for which in images.T])
         return Cond(self.prompt_embeds.repeat(n, 1, 1), self.pooled.repeat(n, 1), time_ids)
+
+    def unconditional(self, images: torch.Tensor, zeros: bool = False) -> Cond:
+        """The conditioning of the chosen images' rows with the caption left out: the encoded "" caption (what caption
+        dropout trains), or zero embeddings (``zeros``: SDXL's ``force_zeros_for_empty_prompt``); time ids kept."""
+        rows = images.numel()
+        embeds = self.empty_prompt_embeds.expand(rows, *self.empty_prompt_embeds.shape).clone()
+        if zeros:
+            embeds = torch.zeros_like(embeds)
+        if self.pooled is None:
+            return Cond(embeds)
+        pooled = torch.zeros(rows, *self.empty_pooled.shape) if zeros else self.empty_pooled.expand(rows, -1).clone()
+        return Cond(embeds, pooled, self.cond(images).time_ids)
 
     def timesteps(self, n: int) -> torch.Tensor:
         """(n·B,): the item's shared t for each of n chosen images."""
@@ -180,4 +194,5 @@ def build_batch(raw: dict, rules: BatchRules, draws: Draws) -> LatentBatch:
         scaling_factor=rules.scaling_factor, t=t, noise=noise, dropped=dropped, prompt_embeds=prompt, pooled=pooled,
         time_ids=raw["time_ids"] if pooled is not None else None, label=raw["label"], ranks=raw["ranks"], scores=raw["scores"],
         extra_scores=dict(raw.get("extra_scores", {})), pair_slots=raw["pair"], pair_label=raw["pair_label"], flipped=flipped,
+        empty_prompt_embeds=rules.empty_prompt_embeds, empty_pooled=rules.empty_pooled,
     )

@@ -42,6 +42,7 @@ from diffalign.trainers.models import Models, Schedule
 from diffalign.trainers.optim import build_lr_schedule, build_optimizer, effective_lr
 from diffalign.trainers.report import MetricsLog, print_summary
 from diffalign.trainers.sampler import GlobalBatchSampler
+from diffalign.trainers.teacher import EMATeacher
 from diffalign.trainers.validation import Validation, check_validation_scorers
 
 # Fields that must match between a checkpoint and the run resuming it (the rest may change, e.g. max_steps).
@@ -86,8 +87,7 @@ class PreferenceTrainer:
         self.cfg = cfg
         self.method = build_method(cfg.method)
         needs = self.method.needs
-        unsupported = [what for what, asked in (("rollouts (feed = 'prompts')", needs.feed != "latents"),
-                                                 ("an EMA teacher", needs.teacher_decay is not None), ("rewards", needs.rewards)) if asked]
+        unsupported = [what for what, asked in (("rollouts (feed = 'prompts')", needs.feed != "latents"), ("rewards", needs.rewards)) if asked]
         if unsupported:
             raise TrainingError(f"method {self.method.name!r} needs {', '.join(unsupported)}, which this loop does not build yet")
         self.output_dir = Path(cfg.train.output_dir)
@@ -153,6 +153,9 @@ class PreferenceTrainer:
                 else:
                     self.reference.to(acc.device)
             unet.to(acc.device)
+        self.teacher = None  # an EMA copy of the policy as it starts (Self-NPO), made before training changes it
+        if self.method.needs.teacher_decay is not None:
+            self.teacher = EMATeacher(unet, self.method.needs.teacher_decay)
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if cfg.model.attention == "xformers":
@@ -186,7 +189,8 @@ class PreferenceTrainer:
             empty_pooled=self.dataset.empty_pooled,
             caption_dropout=cfg.data.caption_dropout,
         )
-        self.models = Models(self.unet, acc, self.schedule, self.weight_dtype, lora=self.lora, frozen_reference=self.reference)
+        self.models = Models(self.unet, acc, self.schedule, self.weight_dtype, lora=self.lora, frozen_reference=self.reference,
+                             teacher=self.teacher.unet if self.teacher else None)
 
         # 4. where to start
         self.step, self.micro_batch = 0, 0
@@ -280,6 +284,8 @@ class PreferenceTrainer:
             self.lr_schedule.step()
             if self.ema is not None:
                 self.ema.step(self.trainable)
+            if self.teacher is not None:
+                self.teacher.update(acc.unwrap_model(self.unet))
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         out = {k: acc.reduce(v.detach(), reduction="mean").item() for k, v in sums.items()}
@@ -373,6 +379,8 @@ class PreferenceTrainer:
             torch_save(staging / "lr_schedule.pt", self.lr_schedule.state_dict())
             if self.ema is not None:
                 torch_save(staging / "ema.pt", self.ema.state_dict())
+            if self.teacher is not None:
+                save_safetensors(staging / "teacher.safetensors", self.teacher.state_dict())
             scaler = getattr(acc, "scaler", None)
             if scaler is not None:
                 torch_save(staging / "scaler.pt", scaler.state_dict())
@@ -429,6 +437,10 @@ class PreferenceTrainer:
             if not (path / "ema.pt").is_file():
                 raise TrainingError(f"cannot resume from {path} with train.ema.enabled: the checkpoint has no EMA (ema.pt)")
             load_ema(self.ema, torch_load(path / "ema.pt"), self.trainable[0].device)
+        if self.teacher is not None:
+            if not (path / "teacher.safetensors").is_file():
+                raise TrainingError(f"cannot resume from {path}: method {self.method.name!r} needs its EMA teacher (teacher.safetensors)")
+            self.teacher.load_state_dict(load_safetensors(path / "teacher.safetensors"))
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             scaler.load_state_dict(torch_load(path / "scaler.pt"))

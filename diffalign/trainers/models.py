@@ -41,14 +41,11 @@ class Schedule:
         return training_target(x0, noise, t, self.alphas_cumprod, self.prediction_type)
 
 
-UNetFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
-
-
 class Models:
     """What a method may run: the policy, the reference, an optional teacher and reward, and the schedule."""
 
     def __init__(self, unet, accelerator, schedule: Schedule, dtype: torch.dtype, *, lora: bool, frozen_reference=None,
-                 teacher: UNetFn | None = None, reward: Callable | None = None):
+                 teacher: torch.nn.Module | None = None, reward: Callable | None = None):
         self._unet, self._acc, self._lora, self._frozen = unet, accelerator, lora, frozen_reference
         self.schedule, self.dtype, self._teacher, self._reward = schedule, dtype, teacher, reward
 
@@ -77,10 +74,10 @@ class Models:
 
     @torch.no_grad()
     def teacher(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The EMA teacher's prediction (methods with `Needs.teacher_decay`)."""
+        """The EMA teacher's prediction, without gradients (methods with `Needs.teacher_decay`)."""
         if self._teacher is None:
             raise RuntimeError("this method declared no teacher (Needs.teacher_decay), so the loop built none")
-        return self._teacher(x_t, t, cond)
+        return self._run(self._teacher, x_t, t, cond)
 
     def reward(self, images, prompts):
         """Rewards of decoded images for their prompts (methods with `Needs.rewards`)."""

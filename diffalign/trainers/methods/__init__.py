@@ -12,6 +12,7 @@ from diffalign.trainers.methods.dpo import DPO
 from diffalign.trainers.methods.inpo import InPO
 from diffalign.trainers.methods.npo import NPO
 from diffalign.trainers.methods.rankdpo import RankDPO
+from diffalign.trainers.methods.self_npo import SelfNPO
 from diffalign.trainers.methods.sft import SFT
 from diffalign.trainers.methods.smpo import SmPO
 
@@ -23,6 +24,7 @@ METHODS: dict[str, type] = {
     "rankdpo": RankDPO,
     "dense": Dense,
     "npo": NPO,
+    "self_npo": SelfNPO,
 }
 
 

@@ -12,6 +12,11 @@
    from `BenchSettings.guidance_grid` by mean checklist score, then sampled on the evaluation set and reported
    like a method (``best_guidance``); each method's win-rate over it (``vs_best_guidance``) shows whether a gain
    is more than what higher guidance alone gives.
+5. Negative-preference CFG: for each negative model among the methods (``npo``, ``self_npo``), its weights in the
+   negative branch of CFG (`diffalign.pipelines`, α = β = 1) with the base model as the positive one, with DPO when it
+   ran, and a control with a random LoRA of the same dense norm as δ; each row (``npo_cfg``) is a win-rate over plain
+   CFG with the same positive model, prompts and seeds. The negative model's own row (its weights as the positive
+   model) is the control that must lose to the base.
 
 The report records the hashes of the base weights, the scorer configuration and the held-out split, which
 are frozen before any method is tuned.
@@ -377,6 +382,8 @@ def ledger_entry(report: dict, out: Path) -> dict:
         best = report["best_guidance"]
         entry["best_guidance"] = {"guidance_scale": best["guidance_scale"], **{k: best[k] for k in keys},
                                   **({"vs_dpo": {k: best["vs_dpo"][k] for k in keys}} if "vs_dpo" in best else {})}
+    if "npo_cfg" in report:
+        entry["npo_cfg"] = {label: {"positive": r["positive"], **{k: r[k] for k in keys}} for label, r in report["npo_cfg"].items()}
     return entry
 
 
@@ -394,7 +401,7 @@ def markdown_table(report: dict) -> str:
     dims = [d for d in TOY_CHECKLIST.dimensions]
     best = report.get("best_guidance")
     with_dpo = "dpo" in report["methods"]
-    versus = ["vs DPO [95% CI]"] * with_dpo + [f"vs base at guidance {best['guidance_scale']:g} [95% CI]"] * (best is not None)
+    versus = ["vs DPO [95% CI]"] * with_dpo + ([f"vs base at guidance {best['guidance_scale']:g} [95% CI]"] if best is not None else [])
     lines = [
         "| method | win-rate vs base [95% CI] | " + "".join(f"{v} | " for v in versus) + "n (prompts) | "
         + " | ".join(f"Δ{d}" for d in dims) + " | Δoverall | train s | eval s |",
@@ -422,6 +429,13 @@ def markdown_table(report: dict) -> str:
         seeds = choice["seeds_per_caption"]
         lines.append(f"Guidance chosen on {choice['captions']} training captions × {seeds} seed{'s' * (seeds != 1)} "
                      f"(mean overall checklist score per scale): {scales}")
+    if report.get("npo_cfg"):
+        lines += ["", "Negative-preference CFG (α = β = 1), each against plain CFG with the same positive model, prompts and seeds:", "",
+                  "| sampler | positive model | win-rate vs plain CFG [95% CI] | " + " | ".join(f"Δ{d}" for d in dims) + " | Δoverall |",
+                  "|---|---|---|" + "---:|" * (len(dims) + 1)]
+        for label, r in report["npo_cfg"].items():
+            lines.append(f"| {label} | {r['positive']} | {_interval(r)} | " + " | ".join(f"{r['dims'][d]:+.3f}" for d in dims)
+                         + f" | {r['dims']['overall']:+.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -603,11 +617,60 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     if best_scores is not None and "dpo" in scored:
         report["best_guidance"]["vs_dpo"] = _versus(best_scores, scored["dpo"], prompts, settings.seed)
 
+    # 6. negative-preference CFG: each trained negative model (npo, self_npo) in the negative branch of CFG
+    runs = {name: Path(report["methods"][name]["run_dir"]) for name in methods}
+    for negative in (m for m in methods if m in NEGATIVE_METHODS):
+        for label, images, row in _npo_cfg_rows(negative, runs, components, prompts, seeds, sample_kw, root, code, settings):
+            row_scores = _scores(scorer, images, prompts)
+            plain = base if row["positive"] == "base" else scored[row["positive"]]
+            result = _compare(row_scores, prompts, plain, settings.seed)
+            report.setdefault("npo_cfg", {})[label] = {**row, **{k: v for k, v in result.items() if k != "yes_rate_change"}}
+            columns[label] = images
+            write_folder(samples / label.replace(" ", "_"), images, prompts, seeds, model=settings.model, steps=settings.num_inference_steps,
+                         guidance=settings.guidance_scale, **{k: row[k] for k in ("positive", "npo", "npo_alpha", "npo_beta")})
+
     report["total_seconds"] = time.perf_counter() - wall
     _write_outputs(report, out, columns, len(held), settings)
     if settings.eval_split == "held_out":
         append_ledger(ledger, ledger_entry(report, out))
     return report
+
+
+NEGATIVE_METHODS = ("npo", "self_npo")
+
+
+def _npo_cfg_rows(negative: str, runs: dict[str, Path], components, prompts, seeds, sample_kw, root: Path, code: str,
+                  settings: BenchSettings):
+    """(label, images, record) of NPO-CFG with `negative`'s weights: on the base model, on DPO when it ran, and the control
+    with a random offset of the same norm on the base model. Each is compared with plain CFG of the same positive model."""
+    from diffalign.models.lora import LORA_WEIGHT_NAME
+    from diffalign.models.sampling import sample_with
+    from diffalign.pipelines.generate import npo_cfg_pipeline
+    from diffalign.pipelines.weights import find_weights, random_lora_like
+
+    delta = runs[negative] / "final"
+    cases = [(f"base + NPO-CFG ({negative})", "base", delta)]
+    if "dpo" in runs:
+        cases.append((f"dpo + NPO-CFG ({negative})", "dpo", delta))
+    if find_weights(delta).kind == "lora":  # the control: a random LoRA with δ's shapes and dense norm
+        control = runs[negative] / "random_offset" / LORA_WEIGHT_NAME
+        if not control.is_file():
+            random_lora_like(find_weights(delta), control, seed=settings.seed)
+        cases.append((f"base + random offset (norm of {negative})", "base", control))
+    kw = {k: v for k, v in sample_kw.items() if k != "resolution"}
+    for label, positive, npo in cases:
+        started = time.perf_counter()
+        positive_dir = None if positive == "base" else runs[positive] / "final"
+        key = sample_key(f"npo-cfg/{label}/{runs[negative].name}/{runs[positive].name if positive != 'base' else 'base'}", prompts, seeds,
+                         sample_kw, code)
+
+        def sample(npo=npo, positive_dir=positive_dir):
+            pipe = npo_cfg_pipeline(components, npo, positive=positive_dir)
+            return sample_with(pipe, prompts, seeds, height=sample_kw["resolution"], width=sample_kw["resolution"], **kw)
+
+        images, reused = cached_samples(root / "samples" / key, sample, settings.fresh)
+        yield label, images, {"positive": positive, "npo": str(npo), "npo_alpha": 1.0, "npo_beta": 1.0, "samples_reused": reused,
+                              "eval_seconds": time.perf_counter() - started}
 
 
 def _write_outputs(report: dict, out: Path, columns: dict[str, list[Image.Image]], captions: int, settings: BenchSettings) -> None:

@@ -61,11 +61,6 @@ class Settings:
 
 def load_generation_pipeline(settings: Settings, *, lora: bool = True, device: str = "cpu"):
     """The NPO-CFG pipeline for `settings` (positive model: `settings.adapter` as a LoRA when `lora`, else as a full UNet)."""
-    from diffalign.pipelines.pipeline_sd_npo import StableDiffusionNPOPipeline
-    from diffalign.pipelines.pipeline_sdxl_npo import StableDiffusionXLNPOPipeline
-
-    if settings.scheduler not in SCHEDULERS:
-        raise ModelLoadError(f"--scheduler {settings.scheduler!r}: one of {', '.join(SCHEDULERS)}")
     if settings.adapter is not None:
         kind = find_weights(settings.adapter, "--lora" if lora else "--unet").kind
         if kind != ("lora" if lora else "unet"):
@@ -74,19 +69,33 @@ def load_generation_pipeline(settings: Settings, *, lora: bool = True, device: s
         if kind == "unet" and settings.adapter_scale != 1.0:
             raise ModelLoadError("--lora-scale applies to a LoRA; a full UNet (--unet) is used as it is")
     components = load_components(ModelConfig(pretrained=settings.model))
-    base = build_pipeline(components)
-    cls = StableDiffusionXLNPOPipeline if components.family == "sdxl" else StableDiffusionNPOPipeline
-    with quiet_loading():
-        pipe = cls.from_pipe(base)  # the same components and settings (SDXL: no watermark, the model's empty-prompt zeros)
-    scheduler_cls = getattr(__import__("diffusers", fromlist=[SCHEDULERS[settings.scheduler]]), SCHEDULERS[settings.scheduler])
-    pipe.scheduler = scheduler_cls.from_config(components.scheduler.config)
-    pipe.load_npo(settings.npo, positive=settings.adapter, alpha=settings.npo_alpha, beta=settings.npo_beta,
-                  positive_scale=settings.adapter_scale)
+    pipe = npo_cfg_pipeline(components, settings.npo, positive=settings.adapter, alpha=settings.npo_alpha, beta=settings.npo_beta,
+                            positive_scale=settings.adapter_scale, scheduler=settings.scheduler, copy_unet=False)
     with quiet_loading():
         pipe.to(device=device, dtype=DTYPES[settings.dtype])
         if pipe.branches.negative_unet is not pipe.branches.positive_unet:
             pipe.branches.negative_unet.to(device=device, dtype=DTYPES[settings.dtype])
     return pipe
+
+
+def npo_cfg_pipeline(components, npo: str | Path | None, *, positive: str | Path | None = None, alpha: float = 1.0, beta: float = 1.0,
+                     positive_scale: float = 1.0, scheduler: str = "ddim", copy_unet: bool = True):
+    """The NPO-CFG pipeline over loaded components (`load_npo`'s arguments), the scheduler built from the model's own
+    config. With `copy_unet` the adapters go on a copy of the components' UNet, which stays the base model."""
+    import copy
+
+    from diffalign.pipelines.pipeline_sd_npo import StableDiffusionNPOPipeline
+    from diffalign.pipelines.pipeline_sdxl_npo import StableDiffusionXLNPOPipeline
+
+    if scheduler not in SCHEDULERS:
+        raise ModelLoadError(f"--scheduler {scheduler!r}: one of {', '.join(SCHEDULERS)}")
+    base = build_pipeline(components, unet=copy.deepcopy(components.unet) if copy_unet else None)
+    cls = StableDiffusionXLNPOPipeline if components.family == "sdxl" else StableDiffusionNPOPipeline
+    with quiet_loading():
+        pipe = cls.from_pipe(base)
+    scheduler_cls = getattr(__import__("diffusers", fromlist=[SCHEDULERS[scheduler]]), SCHEDULERS[scheduler])
+    pipe.scheduler = scheduler_cls.from_config(components.scheduler.config)
+    return pipe.load_npo(npo, positive=positive, alpha=alpha, beta=beta, positive_scale=positive_scale)
 
 
 def warn_if_negative(ref: str | None, flag: str) -> None:

@@ -127,3 +127,30 @@ def add_unet_offset(target: UNet2DConditionModel, full: UNet2DConditionModel, ba
     own = full.state_dict()
     for name, p in target.named_parameters():
         p.add_(own[name].to(p) - base[name].to(p), alpha=scale)
+
+
+def random_lora_like(weights: Weights, out_file: Path, seed: int) -> Path:
+    """A control offset: a LoRA with `weights`' keys, shapes and metadata, Gaussian entries, its up matrices scaled so
+    that the dense offset Σ‖up·down‖²_F has the same norm as the original's (alpha/r is the same for both)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights.path))
+    with safe_open(str(weights.path), framework="pt") as f:
+        metadata = f.metadata()
+    g = torch.Generator().manual_seed(seed)
+    fresh = {k: torch.randn(v.shape, generator=g, dtype=torch.float32).to(v.dtype) for k, v in tensors.items()}
+    pairs = [(k, k.replace("lora_A", "lora_B").replace("lora.down", "lora.up")) for k in tensors if "lora_A" in k or "lora.down" in k]
+    if not pairs or any(up not in tensors for _, up in pairs):
+        raise ModelLoadError(f"{weights.path}: no matching LoRA down/up pairs to imitate")
+
+    def norm(t: dict[str, torch.Tensor]) -> float:
+        return sum(float((t[up].float().flatten(1) @ t[down].float().flatten(1)).square().sum()) for down, up in pairs) ** 0.5
+
+    scale = norm(tensors) / norm(fresh)
+    for _, up in pairs:
+        fresh[up] = (fresh[up].float() * scale).to(tensors[up].dtype)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(fresh, str(out_file), metadata=metadata)
+    return out_file

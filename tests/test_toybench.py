@@ -287,3 +287,31 @@ def test_keys_follow_content_not_paths(tmp_path):
     assert data_key(lora) == data_key(a)  # LoRA settings do not touch the data
     more = method_config("dpo", tiny(tmp_path, "a", "data.source.num_prompts=5"), code="c1")
     assert data_key(more) != data_key(a)
+
+
+def test_negative_models_get_npo_cfg_rows_against_plain_cfg(tmp_path):
+    """With npo among the methods: NPO-CFG on the base and on DPO, and the random-offset control, each paired with plain CFG
+    of its positive model; the rows' numbers re-derive from the sample folders, and the control's offset has δ's norm."""
+    from safetensors.torch import load_file
+
+    settings = tiny(tmp_path, "work", methods=("dpo", "npo"), guidance_grid=())
+    report = run_toy_bench(settings, tmp_path / "report.json", progress=False)
+    rows = json.loads((tmp_path / "report.json").read_text())["npo_cfg"]
+    assert set(rows) == {"base + NPO-CFG (npo)", "dpo + NPO-CFG (npo)", "base + random offset (norm of npo)"}
+    samples = tmp_path / "samples"
+    for label, r in rows.items():
+        plain = "base" if r["positive"] == "base" else r["positive"]
+        derived = paired_win_rate(samples, label.replace(" ", "_"), plain)
+        assert {k: r[k] for k in ("win_rate", "ci_low", "ci_high")} == pytest.approx(
+            {k: derived[k] for k in ("win_rate", "ci_low", "ci_high")}, abs=1e-12)
+    assert "Negative-preference CFG" in markdown_table(report)
+
+    def dense_norm(file):
+        t = load_file(str(file))
+        downs = [k for k in t if "lora_A" in k or "lora.down" in k]
+        ups = [k.replace("lora_A", "lora_B").replace("lora.down", "lora.up") for k in downs]
+        return sum(float((t[u].flatten(1) @ t[d].flatten(1)).square().sum()) for d, u in zip(downs, ups)) ** 0.5
+
+    npo_run = Path(report["methods"]["npo"]["run_dir"])
+    control = npo_run / "random_offset" / "pytorch_lora_weights.safetensors"
+    assert dense_norm(control) == pytest.approx(dense_norm(npo_run / "final" / "pytorch_lora_weights.safetensors"), rel=1e-4)

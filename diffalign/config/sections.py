@@ -372,6 +372,11 @@ class TrainConfig(Section):
     resume: str | None = Field(None, description="'latest' = newest committed checkpoint in output_dir (fresh start if none), or a checkpoint path.")
     ema: EMAConfig = Field(default_factory=EMAConfig, description="Exponential moving average of the trained weights.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    export_kohya: bool = Field(
+        False,
+        description="LoRA runs: also write final/lora_kohya.safetensors with kohya key names (lora_unet_<module>.lora_down/up, "
+        ".alpha), the layout ComfyUI and AUTOMATIC1111 load.",
+    )
     nonfinite: Literal["skip", "stop"] = Field(
         "skip",
         description="A non-finite loss or gradient norm: 'skip' the whole optimizer step (no update, the LR schedule and EMA do "

@@ -61,6 +61,27 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path, family: str) ->
     return Path(directory) / LORA_WEIGHT_NAME
 
 
+KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+
+
+def save_lora_kohya(unet: UNet2DConditionModel, directory: str | Path) -> Path:
+    """The UNet's adapter in kohya's key layout, which ComfyUI and AUTOMATIC1111 read: ``lora_unet_<module path, dots as
+    underscores>.lora_down.weight`` / ``.lora_up.weight`` and ``.alpha`` (the adapter's lora_alpha; the loaders scale by
+    alpha / rank). Module paths are diffusers', which both loaders map for SD1.5 and SDXL."""
+    from safetensors.torch import save_file
+
+    config = unet.peft_config["default"]
+    tensors = {}
+    for key, value in get_peft_model_state_dict(unet).items():
+        module, _, kind = key.rpartition(".lora_")
+        stem = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{stem}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value.detach().float().cpu().contiguous()
+        tensors[f"{stem}.alpha"] = torch.tensor(float(config.lora_alpha))
+    path = Path(directory) / KOHYA_WEIGHT_NAME
+    save_file(tensors, str(path), metadata={"ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha)})
+    return path
+
+
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters that require grad, by name (LoRA weights, or the whole UNet for full fine-tuning)."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -32,12 +32,13 @@ from diffalign.data.manifest import MANIFEST, evaluation_only, read_json, refuse
 from diffalign.io import atomic_write_text, load_safetensors, save_safetensors, torch_load, torch_save
 from diffalign.models.init_from import start_from
 from diffalign.models.loading import Components, load_components
-from diffalign.models.lora import attach_lora, save_lora, trainable_state_dict
+from diffalign.models.lora import attach_lora, save_lora, save_lora_kohya, trainable_state_dict
 from diffalign.models.quiet import quiet_loading
 from diffalign.randomness import Draws, seed63
 from diffalign.trainers import checkpoint as ckpt
 from diffalign.trainers.batch import BatchRules, build_batch
 from diffalign.trainers.methods import build_method
+from diffalign.trainers.model_card import model_card
 from diffalign.trainers.models import Models, Schedule
 from diffalign.trainers.optim import build_lr_schedule, build_optimizer, effective_lr
 from diffalign.trainers.report import MetricsLog, print_summary
@@ -482,12 +483,16 @@ class PreferenceTrainer:
                 self.ema.copy_to(self.trainable)
             final_dir.mkdir(parents=True, exist_ok=True)
             if self.lora:
-                save_lora(unet, final_dir, self.components.family)
+                weights = save_lora(unet, final_dir, self.components.family).name
+                if self.cfg.train.export_kohya:
+                    save_lora_kohya(unet, final_dir)
             else:
                 unet.save_pretrained(final_dir / "unet")
+                weights = "unet/"
             if self.ema is not None:
                 self.ema.restore(unet.parameters())
             atomic_write_text(final_dir / "config.yaml", dump_config(self.cfg))
+            atomic_write_text(final_dir / "README.md", model_card(self.cfg, self.step, weights))
             atomic_write_text(self.output_dir / "summary.json", json.dumps({"steps": self.step, "seconds": seconds, **summary}, indent=2))
             self.metrics_log.plot(self.output_dir / "curves.png")
             if self.cfg.log.progress:

@@ -207,9 +207,10 @@ def method_config(name: str, settings: BenchSettings, code: str | None = None) -
     raw.setdefault("model", {})["pretrained"] = settings.model
     data = raw.setdefault("data", {})
     source = data.setdefault("source", {"kind": "synthetic"})
-    source.update(prompts=[s.caption for s in TRAIN] * settings.train_rounds, images_per_prompt=settings.images_per_prompt,
-                  scorers=[SCORER], num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-                  seed=settings.seed)
+    if source.get("kind", "synthetic") == "synthetic":  # the bench's preference data (a method on other data keeps its own)
+        source.update(prompts=[s.caption for s in TRAIN] * settings.train_rounds, images_per_prompt=settings.images_per_prompt,
+                      scorers=[SCORER], num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                      seed=settings.seed)
     raw.setdefault("train", {})
     if settings.max_steps is not None:
         raw["train"]["max_steps"] = settings.max_steps

@@ -1,4 +1,4 @@
-"""The shipped recipes of the methods after DPO (InPO, SmPO, RankDPO, dense, NPO) train: each runs `diffalign train` in-process
+"""The shipped recipes of the methods after DPO (InPO, SmPO, RankDPO, dense, NPO, Self-NPO) train: each runs `diffalign train` in-process
 from the recipe itself, on the tiny builtin pipeline of its family, for two steps.
 
 Only what a CPU test must change is overridden: the tiny model (no separate VAE, no SFT'd start), a tiny data source
@@ -6,7 +6,8 @@ Only what a CPU test must change is overridden: the tiny model (no separate VAE,
 in place of the Syn-Pic prompts and reward models), a tiny resolution, fp32 (fp16 needs a GPU), no lr scaling, batch 1
 and two steps. The method sections, the data settings and the optimizers are the recipes' own: InPO's and SmPO's
 inversion grids, SmPO's PickScore scores (here a tiny random PickScore, scored at prepare time) and official bounds,
-RankDPO's K = 4 and phi, the dense discount, NPO's flip and LoRA.
+RankDPO's K = 4 and phi, the dense discount, NPO's flip and LoRA, Self-NPO's teacher (on a few toy scenes in place of
+the captioned-image folder).
 
 The recipes of one family that share a cache in real use (sd15_dpo's, sdxl_dpo's) share it here too: the first case
 of a family builds it and the others reuse it (SmPO adds its PickScore scores beside the latents).
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # In this order, a family's shared cache is read both after SmPO scored it (sd15) and before (sdxl).
 FAMILY = {"sd15_smpo": "sd15", "sd15_inpo": "sd15", "sd15_dense": "sd15", "sdxl_inpo": "sdxl", "sdxl_smpo": "sdxl",
-          "sdxl_rankdpo": "sdxl", "sd15_npo": "sd15", "sdxl_npo": "sdxl"}
+          "sdxl_rankdpo": "sdxl", "sd15_npo": "sd15", "sdxl_npo": "sdxl", "sd15_self_npo": "sd15", "sdxl_self_npo": "sdxl"}
 TINY = {"sd15": "builtin:tiny-sd15", "sdxl": "builtin:tiny-sdxl"}
 COMMON = [
     "model.vae=null", "model.init_from=null",
@@ -54,6 +55,9 @@ def _overrides(name: str, shared: dict) -> list[str]:
     args = [f"model.pretrained={TINY[family]}", *COMMON, f"train.output_dir={root / 'runs' / name}"]
     if name == "sdxl_rankdpo":
         return [*args, SYNTHETIC, f"data.cache_dir={root / f'cache-{family}-synthetic'}"]
+    if name.endswith("_self_npo"):  # the captioned-image folder, made tiny: a few toy scenes with their captions
+        return [*args, "data.source={kind: toy_scenes, images_per_caption: 1}", "data.max_items=4",
+                f"data.cache_dir={root / f'cache-{family}-scenes'}"]
     cache = f"cache-{family}-npo" if name.endswith("_npo") else f"cache-{family}-pairs"  # NPO's pairing and ties differ
     args += [f"data.source.path={shared['parquet']}", f"data.cache_dir={root / cache}"]
     if name.endswith("_smpo"):

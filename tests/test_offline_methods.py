@@ -151,9 +151,10 @@ def test_npo_refuses_to_be_unflipped():
 
 @pytest.mark.parametrize("name", ["inpo", "smpo", "rankdpo", "dense", "npo", "self_npo"])
 def test_each_toy_recipe_trains_on_the_tiny_model(tmp_path_factory, name):
-    tmp = tmp_path_factory.getbasetemp() / "toy-recipes"  # the four share one small synthetic cache
-    args = ["train", f"toy/{name}", "model.pretrained=builtin:tiny-sdxl", "model.lora.rank=2", "model.lora.alpha=2",
-            "data.source.num_prompts=4", "data.source.num_inference_steps=2", f"data.cache_dir={tmp / 'cache'}",
+    tmp = tmp_path_factory.getbasetemp() / "toy-recipes"  # the pairwise ones share one small synthetic cache
+    data = (["data.source.images_per_caption=1", "data.max_items=4", f"data.cache_dir={tmp / 'scenes'}"] if name == "self_npo"
+            else ["data.source.num_prompts=4", "data.source.num_inference_steps=2", f"data.cache_dir={tmp / 'cache'}"])
+    args = ["train", f"toy/{name}", "model.pretrained=builtin:tiny-sdxl", "model.lora.rank=2", "model.lora.alpha=2", *data,
             f"train.output_dir={tmp / name}", "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1"]
     if name in ("inpo", "smpo"):
         args.append("method.inversion_steps=3")

@@ -249,6 +249,64 @@ OFFICIAL.update({
         "eval.guidance_scale": 5.0,  # train_sdxl.py L121
     },
 })
+# G-U-N/Diffusion-NPO Self-NPO/train.sh, train_xl.sh and the train.py / train_xl.py defaults they launch (commit 70061e3;
+# research/npo_grpo.md §2).
+_SELF_NPO = {
+    "model.finetune": "full",  # every UNet parameter trains
+    "model.attention": "xformers",  # --enable_xformers_memory_efficient_attention
+    "data.source.kind": "captions",  # CustomImageDataset: images with a .txt caption each
+    "data.crop": "center",  # Resize then CenterCrop
+    "data.random_flip": False,
+    "data.resize": "lanczos",  # transforms.Resize(..., LANCZOS)
+    "data.caption_dropout": 0.0,  # --proportion_empty_prompts default 0
+    "method.name": "self_npo",
+    "method.teacher_steps": 5,
+    "method.grid_points": 25,  # --num_ddim_timesteps default 25
+    "method.teacher_decay": 0.999,
+    "method.loss": "huber",  # --loss_type="huber"
+    "method.huber_c": 1e-3,
+    "optim.optimizer": "adamw8bit",  # --use_8bit_adam
+    "optim.scale_lr": False,
+    "optim.schedule": "constant",
+    "optim.max_grad_norm": 1.0,
+    "train.seed": 453645634,
+    "train.max_steps": 1000,
+    "train.grad_accum": 1,
+    "train.mixed_precision": "fp16",
+    "train.resume": "latest",
+    "log.tracker": "wandb",
+}
+OFFICIAL.update({
+    "sd15_self_npo": {
+        **_SELF_NPO,
+        "model.pretrained": "runwayml/stable-diffusion-v1-5",  # train.sh: a local copy of SD1.5
+        "model.gradient_checkpointing": False,
+        "data.resolution": 512,
+        "method.guidance": -1.0,  # train.py: w = -1
+        "method.uncond": "caption",  # the encoded "" caption
+        "optim.lr": 1e-6,
+        "optim.weight_decay": 1e-3,
+        "train.batch_size": 20,
+        "train.checkpoint_every": 500,
+        "train.keep_last": 10,
+        "eval.validation_every": 200,
+    },
+    "sdxl_self_npo": {
+        **_SELF_NPO,
+        "model.pretrained": "stabilityai/stable-diffusion-xl-base-1.0",
+        "model.vae": "madebyollin/sdxl-vae-fp16-fix",
+        "model.gradient_checkpointing": True,
+        "data.resolution": 1024,
+        "method.guidance": -5.0,  # train_xl.py: w = -5
+        "method.uncond": "zeros",  # train_xl.py L1034-1037
+        "optim.lr": 1e-7,
+        "optim.weight_decay": 0.0,
+        "train.batch_size": 10,
+        "train.checkpoint_every": 50,
+        "train.keep_last": 20,
+        "eval.validation_every": 20,
+    },
+})
 # Shipped configs that are not official recipes, by name, with what their header must say.
 NOT_OFFICIAL = {
     "sdxl_rankdpo": "reconstructed",  # RankDPO: no official code (snap-research/RankDPO unavailable); paper values where known

@@ -36,6 +36,7 @@ from diffalign.config.sections import (
     EVAL_ONLY_PROMPT_SETS,
     PROMPT_SETS,
     SOURCE_CONFIGS,
+    CaptionsSource,
     DataConfig,
     DemoSource,
     EMAConfig,
@@ -49,6 +50,7 @@ from diffalign.config.sections import (
     PickapicSource,
     SourceConfig,
     SyntheticSource,
+    ToyScenesSource,
     TrainConfig,
 )
 
@@ -57,6 +59,7 @@ __all__ = [
     "DenseMethod", "InPOMethod", "NPOMethod", "RankDPOMethod", "SelfNPOMethod", "SmPOMethod",
     "DemoSource", "EMAConfig", "EVAL_ONLY_PROMPT_SETS", "EvalConfig", "FolderSource", "Hpdv2Source", "LogConfig", "LoraConfig", "METHOD_CONFIGS",
     "MethodConfig", "ModelConfig", "OptimConfig", "PROMPT_SETS", "PickapicSource", "SFTMethod", "SOURCE_CONFIGS", "Section",
-    "SourceConfig", "SyntheticSource", "TrainConfig", "apply_overrides", "dump_config", "load_config", "parse_override", "read_yaml",
+    "SourceConfig", "SyntheticSource", "ToyScenesSource", "CaptionsSource",
+    "TrainConfig", "apply_overrides", "dump_config", "load_config", "parse_override", "read_yaml",
     "shipped_config_path", "shipped_configs", "uses_beta", "validate_config",
 ]

@@ -92,6 +92,28 @@ class FolderSource(Section):
     )
 
 
+class CaptionsSource(Section):
+    kind: Literal["captions"] = Field(
+        "captions",
+        description="Source type tag: captioned images without preferences (one image per item), for methods that need none "
+        "(self_npo): the Self-NPO code's LAION layout.",
+    )
+    root: str = Field(
+        ...,
+        description="Image folder (subfolders included): each image's caption is its sidecar <stem>.txt (official Self-NPO layout), "
+        "or its line of a metadata.jsonl in the folder ({'file', 'prompt'}, what `diffalign generate` writes).",
+    )
+
+
+class ToyScenesSource(Section):
+    kind: Literal["toy_scenes"] = Field(
+        "toy_scenes", description="Source type tag: the toy world's procedural scenes with their captions (real images of the toy world)."
+    )
+    images_per_caption: int = Field(4, ge=1, description="Scenes drawn per training caption (each its own seed).")
+    image_size: int = Field(32, ge=8, description="Rendered size in pixels (the toy model's native 32).")
+    seed: int = Field(0, description="Scene seeds derive from it.")
+
+
 class Hpdv2Source(Section):
     kind: Literal["hpdv2"] = Field(
         "hpdv2", description="Source type tag: Human Preference Dataset v2 (HPSv2, Wu et al. 2023) annotation json + image folder."
@@ -202,13 +224,14 @@ class SyntheticSource(_ScorerList):
         return v
 
 
-SOURCE_CONFIGS = (PickapicSource, FolderSource, Hpdv2Source, DemoSource, SyntheticSource)
+SOURCE_CONFIGS = (PickapicSource, FolderSource, Hpdv2Source, DemoSource, SyntheticSource, CaptionsSource, ToyScenesSource)
 SourceConfig = Annotated[Union[SOURCE_CONFIGS], Field(discriminator="kind")]
 
 
 class DataConfig(Section):
     source: SourceConfig = Field(
-        default_factory=DemoSource, description="Where the preference data comes from (`kind`: pickapic, folder, hpdv2, demo, synthetic)."
+        default_factory=DemoSource, description="Where the data comes from (`kind`: pickapic, folder, hpdv2, demo, synthetic; captions and "
+        "toy_scenes hold captioned images without preferences)."
     )
     cache_dir: str = Field("outputs/cache", description="Latent-pair cache directory written by `diffalign prepare` and read by training.")
     resolution: int = Field(64, ge=8, description="Training resolution (square): images are resized so the short side matches, then cropped.")

@@ -121,7 +121,9 @@ class LatentPairDataset(torch.utils.data.Dataset):
                 have = ", ".join(self.extra_scores) or "none"
                 raise DataError(f"data.reward_scorer: the cache at {self.root} has no scores of {data_cfg.reward_scorer!r} (it has: {have})")
             self._scores = self.extra_scores[data_cfg.reward_scorer].copy()
-        keep = np.ones(len(label), dtype=bool) if data_cfg.ties == "keep" else self._pair_label != 0.5
+        keep = np.ones(len(label), dtype=bool) if data_cfg.ties == "keep" or k == 1 else self._pair_label != 0.5  # K = 1: no pairs
+        if k == 1 and data_cfg.min_score_gap > 0:
+            raise DataError(f"data.min_score_gap: the cache at {self.root} holds single captioned images, without scores to measure a gap with")
         if data_cfg.min_score_gap > 0:
             gaps = self.score_gaps()
             if np.isnan(gaps).any():

@@ -124,6 +124,10 @@ class PreferenceTrainer:
         self.dataset = LatentPairDataset(cfg.data.cache_dir, cfg.data, manifest=self.manifest)
         if len(self.dataset) == 0:
             raise TrainingError(f"data: no usable items in {cfg.data.cache_dir} (ties dropped: data.ties = {cfg.data.ties})")
+        if self.method.needs.preferences and self.dataset.k == 1:
+            raise TrainingError(f"method {self.method.name!r} trains on preferences, but the cache at {cfg.data.cache_dir} holds single "
+                                f"captioned images (data.source.kind = {cfg.data.source.kind}); use a preference source, or a method "
+                                "that needs none (self_npo)")
         if hasattr(self.method, "use_data"):  # a method that needs whole-cache statistics (e.g. SmPO's score range)
             self.method.use_data(self.dataset)
 

@@ -1,13 +1,15 @@
-"""Preference sources: each yields `SourceItem`s (caption, K images, label / ranks / scores)."""
+"""Data sources: each yields `SourceItem`s (caption, K images, label / ranks / scores; K = 1 and no signal for the
+captioned-image sources)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from diffalign.config import DemoSource, FolderSource, PickapicSource, SyntheticSource
+from diffalign.config import CaptionsSource, DemoSource, FolderSource, PickapicSource, SyntheticSource, ToyScenesSource
 from diffalign.config.sections import Hpdv2Source
 from diffalign.data.errors import DataError
 from diffalign.data.sources.base import Source, SourceItem, validate_item
+from diffalign.data.sources.captions import CaptionedFolder, ToyScenes
 from diffalign.data.sources.demo import DemoPairs, write_demo_parquet
 from diffalign.data.sources.folder import FolderJsonl
 from diffalign.data.sources.hpdv2 import Hpdv2Json
@@ -32,6 +34,10 @@ def open_source(cfg: PickapicSource | FolderSource | Hpdv2Source | DemoSource | 
         return Hpdv2Json(cfg.path, cfg.root)
     if isinstance(cfg, DemoSource):
         return DemoPairs(cfg.num_pairs, cfg.image_size, cfg.seed)
+    if isinstance(cfg, CaptionsSource):
+        return CaptionedFolder(cfg.root)
+    if isinstance(cfg, ToyScenesSource):
+        return ToyScenes(cfg.images_per_caption, cfg.image_size, cfg.seed)
     if isinstance(cfg, SyntheticSource):
         if config is None:
             raise DataError("data.source: the synthetic source needs the whole config (call open_source(cfg.data.source, cfg))")
@@ -40,6 +46,8 @@ def open_source(cfg: PickapicSource | FolderSource | Hpdv2Source | DemoSource | 
 
 
 __all__ = [
+    "CaptionedFolder",
+    "ToyScenes",
     "DemoPairs",
     "FolderJsonl",
     "Hpdv2Json",

@@ -12,7 +12,7 @@ from diffalign.data.errors import DataError
 
 @dataclass
 class SourceItem:
-    """One prompt with K >= 2 images and its preference signal.
+    """One prompt with K >= 2 images and its preference signal, or (captioned-image sources) K = 1 image and none.
 
     - `source_id`: stable name inside the source (e.g. ``"train-0001.parquet:17"``); crop/flip draws hash it.
     - `images`: K encoded images (bytes) or paths to image files.
@@ -21,7 +21,7 @@ class SourceItem:
     - `scores`: per image, higher = better.
     - `extra_scores`: optional raw per-image scores by scorer name, kept beside the signal for analysis
       (the synthetic source's `scores` are win-rates computed from them); not a preference signal itself.
-    At least one of label / ranks / scores is set (`validate_item` checks it).
+    At least one of label / ranks / scores is set when K >= 2, none when K = 1 (`validate_item` checks it).
     """
 
     source_id: str
@@ -66,9 +66,13 @@ def validate_item(item: SourceItem, where: str | None = None) -> SourceItem:
 
     if not isinstance(item.caption, str):
         raise bad(f"caption must be a string, got {type(item.caption).__name__}")
-    if not isinstance(item.images, list) or len(item.images) < 2:
-        raise bad(f"needs a list of at least 2 images, got {item.images!r:.80}")
+    if not isinstance(item.images, list) or not item.images:
+        raise bad(f"needs a list of images, got {item.images!r:.80}")
     k = len(item.images)
+    if k == 1:  # a captioned image (methods without preferences)
+        if item.label is not None or item.ranks is not None or item.scores is not None:
+            raise bad("a single image cannot carry a preference signal (give at least 2 images)")
+        return item
     if item.label is None and item.ranks is None and item.scores is None:
         raise bad("no preference signal: give one of 'label', 'ranks' or 'scores'")
     if item.label is not None:

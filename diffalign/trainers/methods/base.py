@@ -27,6 +27,7 @@ class Needs:
     feed: Literal["latents", "prompts"] = "latents"  # cached latent items, or prompts for rollouts (online methods)
     teacher_decay: float | None = None  # an EMA teacher of the policy with this decay (Self-NPO)
     rewards: bool = False  # scorers through diffalign.rewards (online methods)
+    preferences: bool = True  # a preference signal in the data (K >= 2); False: captioned single images will do (Self-NPO)
 
 
 class Method(Protocol):

@@ -1,9 +1,10 @@
 """Self-NPO: truncated diffusion fine-tuning toward the EMA teacher's negatively guided x0 (objective docstring:
 `diffalign.objectives.self_npo`). Not an online method: it trains on the cached images and captions, without labels.
 
-Every image of every cached item is a training example (a preference cache's images all count; labels are
-ignored). Per image, from the `self_npo` stream of the item: the grid index where the chain starts, the forward
-noise, the re-noising level s and noise ξ. The chain, per row (vectorised over the batch):
+Every image of every cached item is a training example: the captioned-image sources (``captions``, ``toy_scenes``)
+hold one per item, and a preference cache's images all count (labels ignored). Per image, from the `self_npo` stream
+of the item: the grid index where the chain starts, the forward noise, the re-noising level s and noise ξ. The chain,
+per row (vectorised over the batch):
 
     x ← α_{t0}·x0 + σ_{t0}·ε,  t0 = grid[i0]
     K times (stopping at level 0):  x̂0, ε̂ = guided teacher predictions at (x, t);  x ← √ᾱ_prev·x̂0 + √(1-ᾱ_prev)·ε̂,
@@ -31,12 +32,12 @@ from diffalign.trainers.methods.base import Needs
 
 class SelfNPO:
     name: ClassVar[str] = "self_npo"
-    needs: ClassVar[Needs] = Needs(reference=False, teacher_decay=0.999)
+    needs: ClassVar[Needs] = Needs(reference=False, teacher_decay=0.999, preferences=False)
     progress_keys: ClassVar[tuple[str, ...]] = ("loss", "t_end")
 
     def __init__(self, cfg: SelfNPOMethod):
         self.cfg = cfg
-        self.needs = Needs(reference=False, teacher_decay=cfg.teacher_decay)
+        self.needs = Needs(reference=False, teacher_decay=cfg.teacher_decay, preferences=False)
 
     def draws(self, batch, draws, num_train_timesteps: int):
         """Per image: start index i0, forward noise ε, re-noise noise ξ and a uniform u for s (image-major rows)."""

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from diffalign.config import ModelConfig
-from diffalign.eval.imagefolder import METADATA
+from diffalign.eval.imagefolder import METADATA, read_folder
 from diffalign.imagegrid import paint_grid
 from diffalign.io import atomic_write_text
 from diffalign.models.errors import ModelLoadError
@@ -141,18 +141,8 @@ def _done(out: Path, line: dict | None, prompt: str, seed: int, meta: dict) -> b
 
 
 def _read_metadata(out: Path) -> dict[str, dict]:
-    path = out / METADATA
-    if not path.is_file():
-        return {}
-    lines = {}
-    for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if text.strip():
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ModelLoadError(f"{path}:{n}: not JSON ({e.msg}); move the file away to start the folder afresh") from e
-            lines[obj["file"]] = obj
-    return lines
+    """The folder's metadata lines by file name (none for a new folder)."""
+    return {r.file: r.as_dict() for r in read_folder(out)} if (out / METADATA).is_file() else {}
 
 
 def _write_metadata(out: Path, lines: dict[str, dict]) -> None:

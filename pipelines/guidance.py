@@ -123,12 +123,13 @@ class NPOGuidanceMixin:
 
     def load_npo(self, npo: str | Path | None = None, *, positive: str | Path | None = None, alpha: float = 1.0, beta: float = 1.0,
                  positive_scale: float = 1.0):
-        """Put the NPO offset δ (weights at `npo`) into the negative branch, θ_base + α·η + β·δ, and the optional
-        positive offset η (weights at `positive`; a LoRA's η is scaled by `positive_scale`) into the positive branch,
-        θ_base + η. Either is a LoRA or a full UNet
-        (`diffalign.pipelines.weights`). LoRAs become adapters of the pipeline's own UNet, switched per branch; any
-        full UNet makes the negative branch a second, merged UNet. α = β = 0 without `positive` is plain CFG.
-        Official defaults: α = 1 (``merge_weight`` 0: the whole positive offset), β = 1. Returns the pipeline."""
+        """Put the NPO offset δ (weights at `npo`) into the negative branch, θ_base + α·η + β·δ, and the optional positive
+        offset η (weights at `positive`; a LoRA's η is scaled by `positive_scale`) into the positive branch, θ_base + η.
+
+        Either is a LoRA or a full UNet (`diffalign.pipelines.weights`). LoRAs become adapters of the pipeline's own UNet,
+        switched per branch; any full UNet makes the negative branch a second, merged UNet. α = β = 0 without `positive`
+        is plain CFG. Official defaults: α = 1 (``merge_weight`` 0: the whole positive offset), β = 1. Call it once per
+        pipeline (on a UNet without adapters). Returns the pipeline."""
         base = self.unet
         if getattr(base, "peft_config", None):
             raise ModelLoadError("load_npo needs the pipeline's UNet without LoRA adapters; pass a positive LoRA as positive=")

@@ -18,6 +18,7 @@ names the method, and `is_negative_model` reads it.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -79,7 +80,8 @@ def load_lora_adapter(unet: UNet2DConditionModel, weights: Weights, adapter_name
     if other:
         raise ModelLoadError(f"{weights.path}: LoRA weights for {', '.join(other)}; NPO-CFG applies UNet LoRAs only")
     try:
-        with quiet_loading():
+        with quiet_loading(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # two adapters on one UNet is the point here
             pipeline_cls.load_lora_into_unet(state_dict, alphas, unet=unet, adapter_name=adapter_name, metadata=metadata)
     except (RuntimeError, ValueError) as e:  # shapes of another base model
         raise ModelLoadError(f"{weights.path}: this LoRA does not fit the pipeline's UNet (another base model?): {str(e)[:300]}") from e

@@ -471,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None, help="negative prompt (stacks with --npo, as in the official NPO code)")
     p.add_argument("--height", type=int, default=None, help="default: the model's own size")
     p.add_argument("--width", type=int, default=None, help="default: the model's own size")
-    p.add_argument("--scheduler", default="ddim", help="ddim (η = 0), euler, euler_a, dpm++, pndm, unipc")
+    p.add_argument("--scheduler", default="ddim", choices=("ddim", "euler", "euler_a", "dpm++", "pndm", "unipc"),
+                   help="ddim (η = 0, the default), euler, euler_a, dpm++, pndm, unipc: built from the model's own scheduler config")
     p.add_argument("--lora", default=None, help="positive LoRA: a .safetensors file or a directory holding one (a diffalign run's final/)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="weight of the positive LoRA")
     p.add_argument("--unet", default=None, help="positive full UNet: a directory with config.json, or one whose unet/ is")

@@ -621,7 +621,8 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     # 6. negative-preference CFG: each trained negative model (npo, self_npo) in the negative branch of CFG
     runs = {name: Path(report["methods"][name]["run_dir"]) for name in methods}
     for negative in (m for m in methods if m in NEGATIVE_METHODS):
-        for label, images, row in _npo_cfg_rows(negative, runs, components, prompts, seeds, sample_kw, root, code, settings):
+        retrained = not report["methods"][negative]["reused"] or ("dpo" in runs and not report["methods"]["dpo"]["reused"])
+        for label, images, row in _npo_cfg_rows(negative, runs, components, prompts, seeds, sample_kw, root, code, settings, retrained):
             row_scores = _scores(scorer, images, prompts)
             plain = base if row["positive"] == "base" else scored[row["positive"]]
             result = _compare(row_scores, prompts, plain, settings.seed)
@@ -641,7 +642,7 @@ NEGATIVE_METHODS = ("npo", "self_npo")
 
 
 def _npo_cfg_rows(negative: str, runs: dict[str, Path], components, prompts, seeds, sample_kw, root: Path, code: str,
-                  settings: BenchSettings):
+                  settings: BenchSettings, retrained: bool):
     """(label, images, record) of NPO-CFG with `negative`'s weights: on the base model, on DPO when it ran, and the control
     with a random offset of the same norm on the base model. Each is compared with plain CFG of the same positive model."""
     from diffalign.models.lora import LORA_WEIGHT_NAME
@@ -669,7 +670,7 @@ def _npo_cfg_rows(negative: str, runs: dict[str, Path], components, prompts, see
             pipe = npo_cfg_pipeline(components, npo, positive=positive_dir)
             return sample_with(pipe, prompts, seeds, height=sample_kw["resolution"], width=sample_kw["resolution"], **kw)
 
-        images, reused = cached_samples(root / "samples" / key, sample, settings.fresh)
+        images, reused = cached_samples(root / "samples" / key, sample, settings.fresh or retrained)  # a retrained model samples anew
         yield label, images, {"positive": positive, "npo": str(npo), "npo_alpha": 1.0, "npo_beta": 1.0, "samples_reused": reused,
                               "eval_seconds": time.perf_counter() - started}
 

@@ -73,8 +73,6 @@ def load_generation_pipeline(settings: Settings, *, lora: bool = True, device: s
                             positive_scale=settings.adapter_scale, scheduler=settings.scheduler, copy_unet=False)
     with quiet_loading():
         pipe.to(device=device, dtype=DTYPES[settings.dtype])
-        if pipe.branches.negative_unet is not pipe.branches.positive_unet:
-            pipe.branches.negative_unet.to(device=device, dtype=DTYPES[settings.dtype])
     return pipe
 
 

@@ -68,7 +68,7 @@ class GuidanceBranches:
                 for name in active:
                     layer.set_scale(name, adapters[name])
                 layer._active_adapter = active
-            self._current[id(unet)] = adapters
+            self._current[id(unet)] = dict(adapters)
         return unet
 
 
@@ -131,6 +131,8 @@ class NPOGuidanceMixin:
         is plain CFG. Official defaults: α = 1 (``merge_weight`` 0: the whole positive offset), β = 1. Call it once per
         pipeline (on a UNet without adapters). Returns the pipeline."""
         base = self.unet
+        if self.branches is not None:
+            raise ModelLoadError("load_npo was already called on this pipeline; build a new one (from_pretrained or from_pipe)")
         if getattr(base, "peft_config", None):
             raise ModelLoadError("load_npo needs the pipeline's UNet without LoRA adapters; pass a positive LoRA as positive=")
         eta = find_weights(positive, "positive weights") if positive is not None else None
@@ -170,8 +172,17 @@ class NPOGuidanceMixin:
             self.branches = GuidanceBranches(base, base, {POSITIVE: positive_scale} if eta is not None else {}, weights)
         return self
 
+    def to(self, *args, **kwargs):
+        """diffusers' `to`, and the merged negative UNet with it (it is not a registered component)."""
+        out = super().to(*args, **kwargs)
+        if self.branches is not None and self.branches.negative_unet is not self.unet:
+            self.branches.negative_unet.to(*args, **kwargs)
+        return out
+
     def __call__(self, *args, **kwargs):
-        branches = self.branches or GuidanceBranches(self.unet, self.unet)
+        if self.branches is None:  # no load_npo: the diffusers pipeline as it is
+            return super().__call__(*args, **kwargs)
+        branches = self.branches
         unet = self.unet
         # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config for a component swap.
         self.__dict__["unet"] = BranchUNet(branches, lambda: self.do_classifier_free_guidance)

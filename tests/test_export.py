@@ -63,3 +63,10 @@ def test_the_licence_is_inherited_from_the_base(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: mit\ntags: [x]\n---\n# a model\n")
     assert base_licence(str(tmp_path)) == "mit"
     assert base_licence(str(tmp_path / "missing")) is None
+
+
+def test_a_kohya_export_needs_a_lora_run():
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="export_kohya"):
+        load_config(None, ["model.finetune=full", "train.export_kohya=true"])

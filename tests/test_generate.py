@@ -79,13 +79,15 @@ def test_prompt_sources_and_refusals(tmp_path, capsys):
         (["--prompts", "x", "--prompt-set", "parti"], "exactly one of"),
         (["--prompts", "x", "--lora", str(tmp_path), "--unet", str(tmp_path)], "not both"),
         (["--prompts", "x", "--npo", str(tmp_path / "missing")], "no such file"),
-        (["--prompts", "x", "--scheduler", "heun2"], "--scheduler"),
         (["--prompts-file", str(tmp_path / "none.txt")], "not found"),
     ]
     for args, message in cases:
         capsys.readouterr()
         assert main(["generate", "--model", "builtin:toy", "--out", str(tmp_path / "bad"), *args]) == 2
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an unknown scheduler is refused before any model loads
+        main(["generate", "--model", "builtin:toy", "--prompts", "x", "--scheduler", "heun2", "--out", str(tmp_path / "bad")])
+    assert "invalid choice: 'heun2'" in capsys.readouterr().err
 
 
 def test_a_negative_model_passed_as_the_positive_one_warns(tmp_path, capsys):

@@ -159,6 +159,40 @@ def test_npo_cfg_equals_the_hand_written_loop(tmp_path, family, scheduler, negat
     assert not torch.allclose(got, without_delta, rtol=1e-4, atol=1e-5)
 
 
+def test_lora_alpha_and_the_positive_scale_enter_both_branches(tmp_path):
+    """A diffalign LoRA export (alpha 1 for rank 2: ΔW = ½·up·down, read from its metadata) as η at positive_scale 0.5:
+    positive θ + 0.5·η, negative θ + α·0.5·η + β·δ."""
+    from diffalign.config import LoraConfig
+    from diffalign.models.lora import attach_lora, save_lora
+
+    base = _base_pipe("sd15")
+    unet = copy.deepcopy(base.unet)
+    attach_lora(unet, LoraConfig(rank=2, alpha=1.0, init="gaussian"))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if ".lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    eta_file = save_lora(unet, tmp_path / "eta", "sd15")
+    delta_file = _official_lora(base, tmp_path / "delta", seed=2)
+    eta = {k: 0.5 * v for k, v in _lora_delta(eta_file).items()}  # alpha / rank = ½
+    expected = _hand_loop(base, _unet_plus(base, (0.5, eta)), _unet_plus(base, (ALPHA * 0.5, eta), (BETA, _lora_delta(delta_file))), _start(base))
+    npo = StableDiffusionNPOPipeline.from_pipe(base).load_npo(delta_file, positive=eta_file, alpha=ALPHA, beta=BETA, positive_scale=0.5)
+    torch.testing.assert_close(_npo_latents(npo, _start(base)), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ModelLoadError, match="already called"):
+        npo.load_npo(delta_file)
+
+
+def test_without_load_npo_the_pipeline_is_diffusers_own(tmp_path):
+    """A LoRA loaded the diffusers way stays active when load_npo was never called."""
+    base = _base_pipe("sd15")
+    expected_plain = _npo_latents(base, _start(base))
+    npo = StableDiffusionNPOPipeline.from_pipe(_base_pipe("sd15"))
+    npo.load_lora_weights(str(_official_lora(base, tmp_path, seed=1).parent))
+    with_lora = _npo_latents(npo, _start(base))
+    assert not torch.allclose(with_lora, expected_plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_npo_latents(npo, _start(base)), with_lora)  # and it stays on after the call
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_the_positive_branch_never_sees_delta(tmp_path, family):
     """Guidance 1 (no CFG batch): only the positive branch runs, and it is θ_base + η whatever δ and β are."""

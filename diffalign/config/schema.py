@@ -26,4 +26,6 @@ class Config(Section):
     def _cross_checks(self) -> "Config":
         if self.model.reference_offload and self.model.finetune != "full":
             raise ValueError("model.reference_offload applies only to model.finetune = full (LoRA's reference is the same UNet)")
+        if self.train.export_kohya and self.model.finetune != "lora":
+            raise ValueError("train.export_kohya writes a LoRA in kohya's layout; it needs model.finetune = lora")
         return self

@@ -59,7 +59,7 @@ class SelfNPO:
         t_prev = torch.cat([torch.zeros(1, dtype=torch.long), grid[:-1]])
         index = start.clone()
         t = grid[index]
-        x = models.schedule.add_noise(x0, noise, t)
+        x = models.schedule.add_noise(x0, noise, t.to(x0.device))
         active = torch.ones_like(index, dtype=torch.bool)
         pred = models.schedule.prediction_type
         for step in range(cfg.teacher_steps + 1):
@@ -90,5 +90,6 @@ class SelfNPO:
         x_s = renoise(x_t, t, s, models.schedule.alphas_cumprod, xi.to(x_t))
         x0_pred, _ = to_x0_eps(models.policy(x_s, s, cond).float(), x_s, s, models.schedule.alphas_cumprod, models.schedule.prediction_type)
         loss = pseudo_huber(x0_pred, target, cfg.huber_c) if cfg.loss == "huber" else torch.nn.functional.mse_loss(x0_pred, target)
-        return loss, {"loss": loss.detach(), "t_end": t.float().mean(), "s": s.float().mean(),
+        device = loss.device  # every metric on the loss's device (the loop reduces them across processes)
+        return loss, {"loss": loss.detach(), "t_end": t.float().mean().to(device), "s": s.float().mean().to(device),
                       "x0_mse": torch.nn.functional.mse_loss(x0_pred.detach(), target)}

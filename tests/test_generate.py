@@ -98,17 +98,31 @@ def test_a_negative_model_passed_as_the_positive_one_warns(tmp_path, capsys):
     from diffalign.models.lora import attach_lora, save_lora
 
     components = load_components(ModelConfig(pretrained="builtin:toy"))
-    attach_lora(components.unet, LoraConfig(rank=2, alpha=2))
+    attach_lora(components.unet, LoraConfig(rank=2, alpha=2, init="gaussian"))
+    with torch.no_grad():  # a LoRA that changes the model (peft starts lora_B at zero)
+        for name, p in components.unet.named_parameters():
+            if ".lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
     final = tmp_path / "run" / "final"
     final.mkdir(parents=True)
     save_lora(components.unet, final, components.family)
     (final / "config.yaml").write_text(yaml.safe_dump({"model": {"pretrained": "builtin:toy"}, "method": {"name": "npo"}}))
+
+    def pixels(folder):
+        return [torch.tensor(list(Image.open(folder / r["file"]).getdata()), dtype=torch.float32) for r in _lines(folder)]
+
+    assert _generate(tmp_path / "base") == 0
     assert _generate(tmp_path / "as_lora", "--lora", str(final)) == 0
     assert "trained as a negative model" in capsys.readouterr().err
     assert _lines(tmp_path / "as_lora")[0]["adapter"] == str(final)
     assert _generate(tmp_path / "as_npo", "--npo", str(final), "--npo-beta", "0.5") == 0
     assert "negative model" not in capsys.readouterr().err
     assert _lines(tmp_path / "as_npo")[0]["npo_beta"] == 0.5
+    assert _generate(tmp_path / "npo_off", "--npo", str(final), "--npo-beta", "0") == 0
+    base = pixels(tmp_path / "base")
+    for folder, same in (("as_lora", False), ("as_npo", False), ("npo_off", True)):  # β = 0: the NPO offset is not applied
+        diffs = [float((a - b).abs().max()) for a, b in zip(pixels(tmp_path / folder), base)]
+        assert (max(diffs) <= 1) if same else (max(diffs) > 8), (folder, diffs)
 
 
 def _readme_example(name: str) -> list[list[str]]:

@@ -82,6 +82,8 @@ def npo_cfg_pipeline(components, npo: str | Path | None, *, positive: str | Path
     config. With `copy_unet` the adapters go on a copy of the components' UNet, which stays the base model."""
     import copy
 
+    import diffusers
+
     from diffalign.pipelines.pipeline_sd_npo import StableDiffusionNPOPipeline
     from diffalign.pipelines.pipeline_sdxl_npo import StableDiffusionXLNPOPipeline
 
@@ -91,8 +93,7 @@ def npo_cfg_pipeline(components, npo: str | Path | None, *, positive: str | Path
     cls = StableDiffusionXLNPOPipeline if components.family == "sdxl" else StableDiffusionNPOPipeline
     with quiet_loading():
         pipe = cls.from_pipe(base)
-    scheduler_cls = getattr(__import__("diffusers", fromlist=[SCHEDULERS[scheduler]]), SCHEDULERS[scheduler])
-    pipe.scheduler = scheduler_cls.from_config(components.scheduler.config)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(components.scheduler.config)
     return pipe.load_npo(npo, positive=positive, alpha=alpha, beta=beta, positive_scale=positive_scale)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import resource
@@ -116,6 +117,17 @@ def sample(pipe, args) -> None:
     pipe(PROMPTS, num_inference_steps=args.steps, guidance_scale=5.0, generator=generators, output_type="latent")
 
 
+def _peak_mib() -> float:
+    """This process's peak resident memory: VmHWM (reset by exec, unlike ru_maxrss, which on Linux keeps the forking
+    parent's peak), else ru_maxrss."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_rss(variant: str, args, workdir: Path) -> float:
     """Peak resident MiB of a fresh process that builds only `variant` and samples once."""
     cmd = [sys.executable, __file__, "--one", variant, "--model", args.model, "--steps", str(args.steps), "--workdir", str(workdir)]
@@ -139,7 +151,7 @@ def main() -> None:
     if args.one:
         pipe = build(args.one, args.model, Path(args.workdir))
         sample(pipe, args)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(_peak_mib())
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,11 +165,14 @@ def main() -> None:
                 sample(pipes[v], args)
                 if r >= args.warmup:
                     times[v].append(time.perf_counter() - start)
+        weights = {v: weight_bytes(pipes[v]) / 2**20 for v in VARIANTS}
+        del pipes  # free this process's copies before the memory probes start theirs (an SD1.5-size UNet is 3.2 GB)
+        gc.collect()
         rss = {} if args.no_rss else {v: peak_rss(v, args, workdir) for v in VARIANTS if v != "plain CFG (copy)"}
         rows = []
         for v in VARIANTS:
             ratio = statistics.median(t / b for t, b in zip(times[v], times["plain CFG"]))
-            rows.append({"variant": v, "time_ratio": ratio, "seconds": statistics.median(times[v]), "weight_mib": weight_bytes(pipes[v]) / 2**20,
+            rows.append({"variant": v, "time_ratio": ratio, "seconds": statistics.median(times[v]), "weight_mib": weights[v],
                          "peak_rss_mib": rss.get(v)})
 
     plain = rows[0]

@@ -62,6 +62,7 @@ import torch
 from PIL import Image
 
 from diffalign.config import BUILTIN_TOY, Config, ModelConfig, apply_overrides, read_yaml, shipped_config_path, validate_config
+from diffalign.config.methods import NEGATIVE_METHODS
 from diffalign.data import prepare_cache
 from diffalign.data.identity import weights_digest
 from diffalign.eval.imagefolder import write_folder
@@ -636,9 +637,6 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     if settings.eval_split == "held_out":
         append_ledger(ledger, ledger_entry(report, out))
     return report
-
-
-NEGATIVE_METHODS = ("npo", "self_npo")
 
 
 def _npo_cfg_rows(negative: str, runs: dict[str, Path], components, prompts, seeds, sample_kw, root: Path, code: str,

@@ -27,11 +27,10 @@ import torch
 import yaml
 from diffusers import UNet2DConditionModel
 
+from diffalign.config.methods import NEGATIVE_METHODS
 from diffalign.models.errors import ModelLoadError
 from diffalign.models.lora import LORA_WEIGHT_NAME
 from diffalign.models.quiet import quiet_loading
-
-NEGATIVE_METHODS = ("npo", "self_npo")
 
 
 @dataclass(frozen=True)

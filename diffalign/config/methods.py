@@ -226,6 +226,10 @@ METHOD_CONFIGS: dict[str, type[Section]] = {
 }
 
 
+NEGATIVE_METHODS = ("npo", "self_npo")
+"""Methods whose weights are a negative model: they belong in the negative branch of CFG (`diffalign generate --npo`)."""
+
+
 def uses_beta(method: Section) -> bool:
     """Whether a method config follows the β convention above (it has a `beta` field)."""
     return "beta" in type(method).model_fields

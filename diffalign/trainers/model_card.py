@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from diffalign.config import Config
-from diffalign.config.methods import METHOD_CONFIGS, uses_beta
+from diffalign.config.methods import METHOD_CONFIGS, NEGATIVE_METHODS, uses_beta
 
 # Licences of the base models the shipped recipes name (their model cards); any other base: read from a local copy's
 # README front matter, else "inherited".
@@ -25,7 +25,6 @@ KNOWN_LICENCES = {
     "builtin:tiny-sd15": "apache-2.0",
     "builtin:tiny-sdxl": "apache-2.0",
 }
-NEGATIVE = ("npo", "self_npo")
 
 
 def base_licence(pretrained: str) -> str | None:
@@ -72,7 +71,7 @@ def model_card(cfg: Config, steps: int, weights_file: str) -> str:
         "",
         "## Use", "",
     ]
-    if method.name in NEGATIVE:
+    if method.name in NEGATIVE_METHODS:
         lines += ["A **negative** model: put it in the negative branch of classifier-free guidance, not in the positive one:", "",
                   f"    diffalign generate --model {cfg.model.pretrained} --npo final --prompts \"...\" --out samples", ""]
     else:

@@ -338,7 +338,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     if args.lora and args.unet:
         raise ConfigError("give --lora or --unet, not both (one positive model)")
     prompts, seeds = _generation_prompts(args), _seeds(args.seeds)
-    settings = Settings(model=args.model, adapter=args.lora or args.unet, adapter_scale=args.lora_scale, npo=args.npo,
+    settings = Settings(model=args.model, model_config=args.model_config, adapter=args.lora or args.unet, adapter_scale=args.lora_scale, npo=args.npo,
                         npo_alpha=args.npo_alpha, npo_beta=args.npo_beta, steps=args.steps, guidance=args.guidance_scale,
                         scheduler=args.scheduler, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                         dtype=args.dtype)
@@ -460,7 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_bench_toy, methods="dpo", quick=False, set=[], eval_split="held_out")
     text = "generate images for prompts x seeds into a folder (metadata.jsonl, contact sheet), optionally with NPO weights in CFG"
     p = sub.add_parser("generate", help=text, description=text)
-    p.add_argument("--model", required=True, help="base pipeline: a diffusers directory, a hub id, or builtin:toy")
+    p.add_argument("--model", required=True, help="base pipeline: a diffusers directory, a hub id, a single-file .safetensors "
+                   "checkpoint as community models ship, or builtin:toy")
+    p.add_argument("--model-config", default=None, help="for a single-file --model: the diffusers pipeline directory or hub id of "
+                   "its family whose configs and tokenizers it uses (default: diffusers' reference repository, from the hub cache)")
     p.add_argument("--prompts", nargs="+", default=None, help="prompts on the command line")
     p.add_argument("--prompts-file", default=None, help=".txt (one per line), .json list, or .jsonl with a \"prompt\" field "
                    "(what `diffalign prompts` writes)")

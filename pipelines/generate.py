@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from diffalign.config import ModelConfig
+from diffalign.config.base import is_single_file
 from diffalign.eval.imagefolder import METADATA, read_folder
 from diffalign.imagegrid import paint_grid
 from diffalign.io import atomic_write_text
@@ -45,6 +46,7 @@ class Settings:
     """Everything that decides an image besides its prompt and seed (written on every metadata line)."""
 
     model: str
+    model_config: str | None = None  # configs and tokenizers of a single-file `model`
     adapter: str | None = None  # the positive LoRA or UNet
     adapter_scale: float = 1.0
     npo: str | None = None
@@ -68,7 +70,9 @@ def load_generation_pipeline(settings: Settings, *, lora: bool = True, device: s
             raise ModelLoadError(f"{settings.adapter} holds a {'full UNet' if kind == 'unet' else 'LoRA'}: pass it as {flag}")
         if kind == "unet" and settings.adapter_scale != 1.0:
             raise ModelLoadError("--lora-scale applies to a LoRA; a full UNet (--unet) is used as it is")
-    components = load_components(ModelConfig(pretrained=settings.model))
+    if settings.model_config is not None and not is_single_file(settings.model):
+        raise ModelLoadError(f"--model-config applies to a single-file --model (a .safetensors checkpoint), not to {settings.model!r}")
+    components = load_components(ModelConfig(pretrained=settings.model, single_file_config=settings.model_config))
     pipe = npo_cfg_pipeline(components, settings.npo, positive=settings.adapter, alpha=settings.npo_alpha, beta=settings.npo_beta,
                             positive_scale=settings.adapter_scale, scheduler=settings.scheduler, copy_unet=False)
     with quiet_loading():

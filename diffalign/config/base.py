@@ -27,6 +27,15 @@ def check_separate_vae(pretrained: str, vae: str | None) -> str | None:
     return vae
 
 
+SINGLE_FILE_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # single-file checkpoint formats that are refused (unpickling runs code)
+
+
+def is_single_file(ref: str) -> bool:
+    """`ref` names a single-file checkpoint rather than a pipeline directory, hub id or builtin model."""
+    return ref.lower().endswith((SINGLE_FILE_SUFFIX, *PICKLE_SUFFIXES))
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the dotted key and the value."""
 

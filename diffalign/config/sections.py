@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from diffalign.config.base import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, BUILTIN_TOY, Section, check_builtin, check_separate_vae
+from diffalign.config.base import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, BUILTIN_TOY, Section, check_builtin, check_separate_vae, is_single_file
 
 
 class LoraConfig(Section):
@@ -32,8 +32,15 @@ class ModelConfig(Section):
     pretrained: str = Field(
         BUILTIN_TOY,
         description="Base pipeline: a local diffusers directory, a hub id (offline: must be in the local cache), "
+        "a single-file .safetensors checkpoint as community models ship (configs from `single_file_config`), "
         f"'{BUILTIN_TINY_SDXL}' / '{BUILTIN_TINY_SD15}' for a tiny random pipeline built from config, or '{BUILTIN_TOY}' "
         "for the pretrained toy-world pipeline shipped in the package.",
+    )
+    single_file_config: str | None = Field(
+        None,
+        description="For a single-file `pretrained`: the diffusers pipeline directory or hub id whose component configs, tokenizers "
+        "and scheduler it uses (default: diffusers' reference repository of its family, stable-diffusion-v1-5/stable-diffusion-v1-5 "
+        "or stabilityai/stable-diffusion-xl-base-1.0; offline, a local directory or the hub cache).",
     )
     revision: str | None = Field(None, description="Hub revision of `pretrained` (ignored for local directories).")
     variant: str | None = Field(None, description="Weight variant to load, e.g. 'fp16'.")
@@ -67,6 +74,13 @@ class ModelConfig(Section):
     @classmethod
     def _known_builtin(cls, v: str) -> str:
         return check_builtin(v)
+
+    @field_validator("single_file_config")
+    @classmethod
+    def _only_for_single_files(cls, v: str | None, info) -> str | None:
+        if v is not None and not is_single_file(info.data.get("pretrained", "")):
+            raise ValueError("applies to a single-file checkpoint in model.pretrained (a .safetensors file)")
+        return v
 
     @field_validator("vae")
     @classmethod

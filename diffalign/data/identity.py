@@ -2,11 +2,12 @@
 
 The identity holds everything that changes the cached tensors: the format version; the model refs
 (pretrained, revision, variant, separate VAE) and a digest of the local weight files the cache depends
-on (VAE, text encoders, tokenizers; see `diffalign.data.digest` for the method; hub ids are identified
-by id and revision only); with loaded components, also the family, VAE class / scaling factor / latent
-channels / spatial factor and the text encoders' classes and widths; the latent dtype, resolution,
-resize, crop, flip (and when it is decided: `flip_at`), pairing and augmentation seed; the source kind
-and content digest, and `max_items`. A field added after caches were first written (`ADDED_LATER`)
+on (VAE, text encoders, tokenizers; a single-file checkpoint whole, with its config directory; see
+`diffalign.data.digest` for the method; hub ids are identified by id and revision only); with loaded
+components, also the family, VAE class / scaling factor / latent channels / spatial factor and the text
+encoders' classes and widths; the latent dtype, resolution, resize, crop, flip (and when it is decided:
+`flip_at`), pairing and augmentation seed; the source kind and content digest, and `max_items`.
+A field added after caches were first written (`ADDED_LATER`)
 reads, in a cache that does not record it, as the value every such cache was built with.
 Knobs that only change how the cache is read (ties, time_ids, caption_dropout) or how fast it is built
 (batch sizes, workers, shard size) are not part of it. Keys are named after the config field to change.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.config import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, BUILTIN_TOY, Config, ModelConfig
+from diffalign.config.base import is_single_file
 from diffalign.data.digest import files_digest
 
 FORMAT_VERSION = 2  # 2: the index gained `extra_scores` (raw per-scorer scores); version-1 caches are refused
@@ -47,7 +49,12 @@ def weights_digest(model: ModelConfig, generation: bool = False) -> str:
     if ref in (BUILTIN_TINY_SDXL, BUILTIN_TINY_SD15):
         return ref
     parts = []
-    if Path(ref).is_dir():
+    if is_single_file(ref):  # the checkpoint file, and the configs and tokenizers it is read with
+        parts.append(files_digest([Path(ref)], Path(ref).parent) if Path(ref).is_file() else f"missing:{ref}")
+        config = model.single_file_config
+        if config is not None:
+            parts.append(_dir_digest(Path(config), None) if Path(config).is_dir() else f"hub:{config}")
+    elif Path(ref).is_dir():
         sub = tuple(s for s in (_GENERATION_SUBFOLDERS if generation else _CACHE_SUBFOLDERS) if not (model.vae and s == "vae"))
         parts.append(_dir_digest(Path(ref), sub))
     else:

@@ -1,4 +1,5 @@
-"""Load SD1.5- and SDXL-family components from a local diffusers directory, a hub id, or a builtin tiny model.
+"""Load SD1.5- and SDXL-family components from a local diffusers directory, a hub id, a single-file
+``.safetensors`` checkpoint (`diffalign.models.single_file`), or a builtin tiny model.
 
 The family is read from the UNet config: ``addition_embed_type == "text_time"`` means SDXL (two text
 encoders, pooled embeddings and time ids), anything else is SD1.5-style (one encoder). Hub ids load from
@@ -24,6 +25,7 @@ from diffalign.config import BUILTIN_TINY_SD15, BUILTIN_TINY_SDXL, ModelConfig
 from diffalign.config.base import BUILTIN_MODELS, BUILTIN_PREFIX, check_builtin, check_separate_vae
 from diffalign.models.errors import ModelLoadError  # re-exported: diffalign.models.loading.ModelLoadError
 from diffalign.models.quiet import quiet_loading
+from diffalign.models.single_file import is_single_file, load_single_file_pipeline
 
 BUILTINS = BUILTIN_MODELS
 PRETRAINED, VAE = "model.pretrained", "model.vae"  # the config keys a load error names
@@ -158,12 +160,22 @@ def _zero_empty_prompt(ref: str) -> bool:
     return True
 
 
-def load_components(cfg: ModelConfig) -> Components:
-    """Load UNet, VAE, text encoders, tokenizers and the training noise scheduler for `cfg.pretrained`."""
+def _single_file(cfg: ModelConfig) -> tuple:
+    """The parts of a single-file checkpoint; its configs from `model.single_file_config`, its VAE replaceable by `model.vae`."""
+    family, pipe = load_single_file_pipeline(cfg.pretrained, cfg.single_file_config)
+    vae = _load_vae(cfg.pretrained, cfg) if cfg.vae else pipe.vae
+    if family == "sdxl":
+        encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
+    else:
+        encoders, tokenizers = [pipe.text_encoder], [pipe.tokenizer]
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    zeros = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+    return family, pipe.unet, vae, encoders, tokenizers, scheduler, zeros
+
+
+def _diffusers_pipeline(cfg: ModelConfig) -> tuple:
+    """The parts of a diffusers pipeline directory or hub id, one subfolder each."""
     ref = cfg.pretrained
-    if ref.startswith(BUILTIN_PREFIX):
-        return _builtin(cfg)
-    _check_vae_path(cfg)
     family = detect_family(_unet_config(ref, cfg))
     unet = _from_pretrained(UNet2DConditionModel, ref, "unet", cfg)
     vae = _load_vae(ref, cfg)
@@ -173,11 +185,22 @@ def load_components(cfg: ModelConfig) -> Components:
     if family == "sdxl":
         encoders.append(_from_pretrained(CLIPTextModelWithProjection, ref, "text_encoder_2", cfg))
         tokenizers.append(_from_pretrained(CLIPTokenizer, ref, "tokenizer_2", cfg))
+    return family, unet, vae, encoders, tokenizers, scheduler, _zero_empty_prompt(ref)
+
+
+def load_components(cfg: ModelConfig) -> Components:
+    """Load UNet, VAE, text encoders, tokenizers and the training noise scheduler for `cfg.pretrained`."""
+    ref = cfg.pretrained
+    if ref.startswith(BUILTIN_PREFIX):
+        return _builtin(cfg)
+    _check_vae_path(cfg)
+    load = _single_file if is_single_file(ref) else _diffusers_pipeline
+    family, unet, vae, encoders, tokenizers, scheduler, zeros = load(cfg)
     pred = scheduler.config.get("prediction_type", "epsilon") if cfg.prediction_type == "auto" else cfg.prediction_type
     if pred not in ("epsilon", "v_prediction"):
         raise ModelLoadError(f"model.prediction_type: '{pred}' from the scheduler config is not supported (epsilon, v_prediction)")
     scheduler.register_to_config(prediction_type=pred)
-    return Components(family, unet, vae, encoders, tokenizers, scheduler, pred, ref, zero_empty_prompt=_zero_empty_prompt(ref))
+    return Components(family, unet, vae, encoders, tokenizers, scheduler, pred, ref, zero_empty_prompt=zeros)
 
 
 def vae_encode_dtype(cfg: ModelConfig, mixed_precision: str) -> torch.dtype:

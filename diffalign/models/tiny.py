@@ -26,10 +26,10 @@ SD_SCHEDULER = dict(
 )
 
 
-def _text_config(projection_dim: int = TEXT_DIM) -> CLIPTextConfig:
+def _text_config(projection_dim: int = TEXT_DIM, hidden_size: int = TEXT_DIM) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=49408,
-        hidden_size=TEXT_DIM,
+        hidden_size=hidden_size,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -58,7 +58,7 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
-def tiny_unet(sdxl: bool, sample_size: int = 8, prediction_type: str = "epsilon") -> UNet2DConditionModel:
+def tiny_unet(sdxl: bool, sample_size: int = 8, prediction_type: str = "epsilon", text_dim_2: int = TEXT_DIM) -> UNet2DConditionModel:
     common = dict(
         sample_size=sample_size,
         in_channels=4,
@@ -74,22 +74,23 @@ def tiny_unet(sdxl: bool, sample_size: int = 8, prediction_type: str = "epsilon"
     if sdxl:
         return UNet2DConditionModel(
             **common,
-            cross_attention_dim=2 * TEXT_DIM,
+            cross_attention_dim=TEXT_DIM + text_dim_2,
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM,
+            projection_class_embeddings_input_dim=6 * 8 + text_dim_2,
             transformer_layers_per_block=(1, 2),
         )
     return UNet2DConditionModel(**common, cross_attention_dim=TEXT_DIM)
 
 
-def tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionXLPipeline:
-    """Tiny SDXL: two CLIP text encoders (the second with projection), text_time UNet, KL VAE."""
+def tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon", text_dim_2: int = TEXT_DIM) -> StableDiffusionXLPipeline:
+    """Tiny SDXL: two CLIP text encoders (the second with projection), text_time UNet, KL VAE. `text_dim_2`: the second
+    encoder's width (SDXL's are 768 and 1280; loaders that tell the encoders apart by width need them to differ)."""
     torch.manual_seed(seed)
-    unet = tiny_unet(sdxl=True)
+    unet = tiny_unet(sdxl=True, text_dim_2=text_dim_2)
     vae = tiny_vae()
     text_encoder = CLIPTextModel(_text_config())
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config())
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(projection_dim=text_dim_2, hidden_size=text_dim_2))
     scheduler = DDPMScheduler(**{**SD_SCHEDULER, "prediction_type": prediction_type})
     return StableDiffusionXLPipeline(
         vae=vae,

@@ -51,7 +51,7 @@ from diffalign.trainers.validation import Validation, check_validation_scorers
 # Every other setting may change on resume; the changes are applied (the optimizer's lr, betas, eps and weight decay
 # included) and printed.
 IDENTITY_FIELDS = (
-    "model.pretrained", "model.revision", "model.variant", "model.init_from", "model.prediction_type", "model.finetune",
+    "model.pretrained", "model.single_file_config", "model.revision", "model.variant", "model.init_from", "model.prediction_type", "model.finetune",
     "model.lora", "method", "data.resolution", "data.time_ids", "data.caption_dropout", "data.ties", "data.min_score_gap",
     "data.phi_ties", "optim.optimizer", "train.seed", "train.batch_size", "train.grad_accum", "train.mixed_precision",
 )

@@ -6,15 +6,21 @@ library only; nothing from diffalign):
 - `phi` / `win_rate_phi`: RankDPO's Syn-Pic score (arXiv:2410.18013, Algorithm 1;
   research/step_methods.md §5), each image's average pairwise win-rate over n scorers and its K−1 rivals;
 - `bradley_terry`: P(a ≻ b) = σ((s_a − s_b) / T), for scorers without a calibrated preference;
-- `pairwise_outcomes`: 1 / ½ / 0 per paired sample, the unit of the eval win-rate.
+- `pairwise_outcomes`: 1 / ½ / 0 per paired sample, the unit of the eval win-rate;
+- group rewards of online methods (Pref-GRPO, GRPO; research/npo_grpo.md §3): `preference_matrix` (all C(G, 2)
+  pairs of a group, an order-sensitive judge asked in both orders), `win_outcomes` (expected wins or a threshold
+  with a tie band), `win_rate`, `group_advantages`, `weighted_advantages` (with the batch renormalisation of
+  multi-reward sums), and the log-sigmoid-centred transform `log_sigmoid_centered` / `reference_rewards` of
+  Wang et al. 2024 for combining rewards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 TIE_WEIGHTS = {"half": 0.5, "strict": 0.0}
 
@@ -107,3 +113,123 @@ def pairwise_outcomes(score_a: Sequence[float], score_b: Sequence[float], tie_to
         raise ValueError(f"paired scores differ in length: {a.shape} vs {b.shape}")
     diff = a - b
     return np.where(np.abs(diff) <= tie_tolerance, 0.5, (diff > 0).astype(np.float64))
+
+
+# ------------------------------------------------------------------------------------------ group rewards (online)
+
+WIN_RULES = ("expected", "threshold")
+# prefer(a, b, prompts) -> (n,) P(a[k] preferred over b[k]); images a list or a B×3×H×W tensor
+PreferFn = Callable[[object, object, Sequence[str]], torch.Tensor]
+
+
+def _take(images, idx: list[int]):
+    return images[idx] if isinstance(images, torch.Tensor) else [images[i] for i in idx]
+
+
+def preference_matrix(prefer: PreferFn, images, prompt: str, *, order_symmetric: bool = True) -> torch.Tensor:
+    """P[i, j] = P(image i ≻ image j) over one group of G images of `prompt`, from ONE batched judge call over all
+    C(G, 2) pairs i < j (image i shown first), (G, G) float64.
+
+    An order-sensitive judge (``order_symmetric=False``: a VLM that sees "Image 1" and "Image 2") is asked again
+    with image j first, in the same call, and the answers are averaged:
+
+        P[i, j] = ½·(p(i first) + 1 − p(j first)),
+
+    so a judge that leans toward the first image by the same amount in both orders no longer decides the pair
+    (Pref-GRPO's code asks once, lower index first: every pair inherits the judge's position bias). P[j, i] =
+    1 − P[i, j] and the diagonal is ½ by construction.
+    """
+    g = len(images)
+    if g < 2:
+        raise ValueError(f"a group needs at least 2 images, got {g}")
+    first, second = map(list, zip(*[(i, j) for i in range(g) for j in range(i + 1, g)]))
+    a, b = (first + second, second + first) if not order_symmetric else (first, second)
+    p = torch.as_tensor(prefer(_take(images, a), _take(images, b), [prompt] * len(a)), dtype=torch.float64).detach().cpu()
+    if p.shape != (len(a),):
+        raise ValueError(f"the judge returned shape {tuple(p.shape)} for {len(a)} pairs")
+    if not bool(torch.isfinite(p).all()) or bool(((p < 0) | (p > 1)).any()):
+        raise ValueError(f"the judge must return probabilities in [0, 1], got {p.tolist()} for prompt {prompt!r}")
+    n = len(first)
+    p_ij = p[:n] if order_symmetric else 0.5 * (p[:n] + 1 - p[n:])
+    out = torch.full((g, g), 0.5, dtype=torch.float64)
+    out[first, second] = p_ij
+    out[second, first] = 1 - p_ij
+    return out
+
+
+def win_outcomes(p: torch.Tensor, rule: str = "expected", tie_band: float = 0.0) -> torch.Tensor:
+    """How a preference probability becomes a win, per pair of a (G, G) matrix `p`:
+
+    - ``expected``: the expected win, o = P (a calibrated judge's probability counts as it is);
+    - ``threshold``: a verdict, o = 1 if P > ½ + band, 0 if P < ½ − band, ½ otherwise (Pref-GRPO's judge answers
+      "Image 1/2 is better" and an unparsable answer is a tie: its verdicts are P ∈ {0, ½, 1} with band 0).
+    """
+    if rule == "expected":
+        return p
+    if rule != "threshold":
+        raise ValueError(f"win rule must be one of {WIN_RULES}, got {rule!r}")
+    if not 0 <= tie_band < 0.5:
+        raise ValueError(f"tie band must be in [0, 0.5), got {tie_band}")
+    return torch.where(p > 0.5 + tie_band, 1.0, torch.where(p < 0.5 - tie_band, 0.0, 0.5)).to(p.dtype)
+
+
+def win_rate(outcomes: torch.Tensor) -> torch.Tensor:
+    """Pref-GRPO's reward, WR_i = (wins_i + ½·ties_i) / (G − 1) = Σ_{j≠i} o[i, j] / (G − 1), from (G, G) outcomes."""
+    g = outcomes.shape[-1]
+    off = ~torch.eye(g, dtype=torch.bool, device=outcomes.device)
+    return (outcomes * off).sum(-1) / (g - 1)
+
+
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-8, clip: float | None = 5.0,
+                     unbiased: bool = True) -> torch.Tensor:
+    """A_i = clip((r_i − mean_g) / (std_g + eps), ±clip) over the images i of each group g (the same prompt), (N,).
+
+    Pref-GRPO / DanceGRPO: ``torch.std`` (unbiased), eps 1e-8, advantages clipped to ±5 (`adv_clip_max`). `groups`
+    holds a group id per image; every group needs at least 2 images. A group whose rewards all tie gets A = 0.
+    """
+    rewards = rewards.to(torch.float64)
+    if rewards.shape != groups.shape or rewards.ndim != 1:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and groups {tuple(groups.shape)} must be the same 1-d shape")
+    out = torch.empty_like(rewards)
+    for gid in torch.unique(groups):
+        mask = groups == gid
+        if int(mask.sum()) < 2:
+            raise ValueError(f"group {int(gid)} has {int(mask.sum())} image: a group advantage needs at least 2")
+        r = rewards[mask]
+        out[mask] = (r - r.mean()) / (r.std(unbiased=unbiased) + eps)
+    return out.clamp(-clip, clip) if clip is not None else out
+
+
+def weighted_advantages(advantages: Mapping[str, torch.Tensor], weights: Mapping[str, float], renormalize: bool = False,
+                        eps: float = 1e-8) -> torch.Tensor:
+    """Σ_k w_k·A_k over per-reward group advantages (each normalised in its groups first, as Pref-GRPO's reward
+    dispatcher does: the paper-era mix was 0.7·A_WR + 1.4·A_CLIP). ``renormalize``: the sum normalised again over
+    the whole batch, (s − mean) / (std + eps) (the release's `--apply_gdpo`), so the mix's scale does not depend on
+    the weights' sum or on how correlated the rewards are."""
+    if set(advantages) != set(weights):
+        raise ValueError(f"advantages for {sorted(advantages)} but weights for {sorted(weights)}")
+    total = sum(float(weights[k]) * advantages[k].to(torch.float64) for k in advantages)
+    if renormalize:
+        total = (total - total.mean()) / (total.std() + eps)
+    return total
+
+
+def reference_rewards(base_rewards: torch.Tensor, quantile: float = 0.85) -> torch.Tensor:
+    """r_ref(x) per prompt: the `quantile` of the base model's rewards for that prompt, (P, M) -> (P,).
+
+    Wang et al. 2024 ("Transforming and Combining Rewards for Aligning Large Language Models", ICML) centre each
+    reward on a per-prompt reference taken from the base policy's own samples; a high quantile (default 0.85) makes
+    "good" mean "better than most of what the base model draws for this prompt", so the transformed reward below is
+    near 0 only for samples that clear that bar, and strongly negative for the ones that do not.
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    return torch.quantile(base_rewards.to(torch.float64), quantile, dim=-1)
+
+
+def log_sigmoid_centered(rewards: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """u = log σ(r − r_ref): the LSC transform of Wang et al. 2024. It saturates at 0 above the reference (little gain
+    for improving what is already good, less room to hack the reward) and falls linearly below it; a SUM of
+    transformed rewards is the log-probability that a sample is good on every reward at once (a logical AND), where a
+    plain weighted sum lets one reward's excess pay for another's failure."""
+    return F.logsigmoid(rewards.to(torch.float64) - reference.to(torch.float64))

@@ -6,7 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from diffalign.rewards import bradley_terry, pairwise_outcomes, phi, win_rate_phi
+from diffalign.rewards import (
+    bradley_terry,
+    group_advantages,
+    log_sigmoid_centered,
+    pairwise_outcomes,
+    phi,
+    preference_matrix,
+    reference_rewards,
+    weighted_advantages,
+    win_outcomes,
+    win_rate,
+    win_rate_phi,
+)
 
 # two scorers, K = 4; a: images 2 and 3 tie; b: images 1 and 2 tie
 A4, B4 = [3.0, 1.0, 2.0, 2.0], [0.0, 1.0, 1.0, 5.0]
@@ -158,3 +170,91 @@ def test_old_names_are_the_one_implementation():
     assert synthetic.win_rate_phi is win_rate_phi
     assert base.bradley_terry is bradley_terry
     assert winrate.outcomes is pairwise_outcomes
+
+
+# ------------------------------------------------------------------------------------------------ group rewards
+
+
+def _verdict(scores):
+    """A judge that answers 1 / ½ / 0 from known scores, order-symmetric by construction."""
+    def prefer(a, b, prompts):
+        return torch.tensor([1.0 if scores[i] > scores[j] else 0.0 if scores[i] < scores[j] else 0.5 for i, j in zip(a, b)])
+    return prefer
+
+
+def test_win_rate_with_ties_by_hand():
+    # scores 3, 1, 3: image 0 beats 1 and ties 2 -> (1 + ½)/2; image 1 loses both -> 0; image 2 as image 0
+    p = preference_matrix(_verdict([3.0, 1.0, 3.0]), [0, 1, 2], "a prompt")
+    assert p.tolist() == [[0.5, 1.0, 0.5], [0.0, 0.5, 0.0], [0.5, 1.0, 0.5]]
+    assert win_rate(win_outcomes(p, "threshold")).tolist() == [0.75, 0.0, 0.75]
+    assert win_rate(p).sum().item() == pytest.approx(3 / 2)  # G/2 always: every pair hands out exactly one win
+
+
+def test_a_position_biased_judge_is_asked_in_both_orders():
+    scores, calls = [0.0, 0.5, 3.0], []
+
+    def biased(a, b, prompts):  # the first image wins unless the other is better by at least 1
+        calls.append(len(a))
+        return torch.tensor([0.0 if scores[j] - scores[i] >= 1 else 1.0 if scores[i] - scores[j] >= 1 else 1.0
+                             for i, j in zip(a, b)])
+
+    # both orders: (0, 1) -> ½·(1 + 1 − 1) = ½, a tie; (0, 2) and (1, 2) -> 0; WR = [¼, ¼, 1]
+    fair = win_rate(preference_matrix(biased, [0, 1, 2], "p", order_symmetric=False))
+    assert fair.tolist() == [0.25, 0.25, 1.0] and calls == [6]  # one batched call over 2 · C(3, 2) pairs
+    # asked once, lower index first (the official code): the bias decides (0, 1)
+    assert win_rate(preference_matrix(biased, [0, 1, 2], "p")).tolist() == [0.5, 0.0, 1.0]
+
+
+def test_expected_wins_and_the_tie_band_by_hand():
+    s = [0.0, math.log(3.0)]
+    bt = lambda a, b, prompts: torch.sigmoid(torch.tensor([s[j] for j in b]).neg() + torch.tensor([s[i] for i in a]))  # noqa: E731
+    p = preference_matrix(bt, [0, 1], "p")
+    assert p[0, 1].item() == pytest.approx(1 / (1 + 3))  # σ(−ln 3) = ¼
+    assert win_rate(win_outcomes(p, "expected")).tolist() == pytest.approx([0.25, 0.75])
+    assert win_rate(win_outcomes(p, "threshold", tie_band=0.2)).tolist() == [0.0, 1.0]  # ¼ < ½ − 0.2
+    assert win_rate(win_outcomes(p, "threshold", tie_band=0.3)).tolist() == [0.5, 0.5]  # inside the band: a tie
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0])
+    a = group_advantages(r, torch.tensor([0, 0, 0, 1, 1]))
+    assert a.tolist() == pytest.approx([-1 / (1 + 1e-8), 0.0, 1 / (1 + 1e-8), 0.0, 0.0])  # unbiased std of 1, 2, 3 is 1
+    r = torch.tensor([0.0] * 29 + [1.0])  # one good image among 30: (29/30) / sqrt(1/30) = 5.29 > 5
+    raw = group_advantages(r, torch.zeros(30, dtype=torch.long), clip=None)
+    assert raw[-1].item() == pytest.approx((29 / 30) / math.sqrt(1 / 30), rel=1e-6)
+    assert group_advantages(r, torch.zeros(30, dtype=torch.long))[-1].item() == 5.0
+    biased_std = math.sqrt((29 * (1 / 30) ** 2 + (29 / 30) ** 2) / 30)  # mean squared deviation from 1/30
+    assert group_advantages(r, torch.zeros(30, dtype=torch.long), clip=None, unbiased=False)[-1].item() == pytest.approx(
+        (29 / 30) / biased_std, rel=1e-6)
+    with pytest.raises(ValueError, match="group 7 has 1 image"):
+        group_advantages(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 7]))
+
+
+def test_weighted_advantages_and_batch_renormalisation_by_hand():
+    adv = {"wr": torch.tensor([1.0, -1.0]), "clip": torch.tensor([2.0, 0.0])}
+    w = {"wr": 0.7, "clip": 1.4}  # the paper-era Pref-GRPO mix
+    assert weighted_advantages(adv, w).tolist() == pytest.approx([3.5, -0.7])
+    std = 4.2 / math.sqrt(2)  # unbiased std of [3.5, −0.7]
+    assert weighted_advantages(adv, w, renormalize=True).tolist() == pytest.approx([2.1 / std, -2.1 / std])
+    with pytest.raises(ValueError, match="weights for"):
+        weighted_advantages(adv, {"wr": 1.0})
+
+
+def test_log_sigmoid_centered_by_hand():
+    assert reference_rewards(torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])).tolist() == pytest.approx([3.4])  # 0.85 · 4
+    u = log_sigmoid_centered(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]))
+    assert u.tolist() == pytest.approx([math.log(1 / (1 + math.e)), math.log(1 / (1 + math.exp(-1)))])
+    # the sum rewards being good on both: (0, 0) above both references beats (+3, −3) with the same plain sum
+    ref = torch.tensor([-1.0, -1.0])
+    both = log_sigmoid_centered(torch.tensor([0.0, 0.0]), ref).sum()
+    lopsided = log_sigmoid_centered(torch.tensor([3.0, -3.0]), ref).sum()
+    assert both > lopsided
+
+
+def test_group_reward_refusals():
+    with pytest.raises(ValueError, match="at least 2 images"):
+        preference_matrix(_verdict([1.0]), [0], "p")
+    with pytest.raises(ValueError, match=r"probabilities in \[0, 1\]"):
+        preference_matrix(lambda a, b, p: torch.tensor([1.5]), [0, 1], "p")
+    with pytest.raises(ValueError, match="win rule"):
+        win_outcomes(torch.eye(2), "majority")

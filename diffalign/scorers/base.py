@@ -3,7 +3,9 @@
 Images are a list of PIL images (each scorer applies its model's exact official preprocessing) or a float
 tensor B×3×H×W in [0, 1] (the differentiable path). Every result includes ``overall``. `prefer` returns
 P(a preferred over b) with the model's own calibration when its training loss defines one; otherwise a
-Bradley–Terry probability on the score difference, marked ``calibrated=False``.
+Bradley–Terry probability on the score difference, marked ``calibrated=False``. ``order_symmetric`` says whether
+``prefer(a, b)`` is always ``1 − prefer(b, a)``: true for every judge built on scores; a pairwise judge that sees two
+images side by side (a VLM) may lean toward one position, and online rewards then ask it in both orders.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Preference:
 class Scorer(Protocol):
     name: str
     dimensions: tuple[str, ...]  # the keys `score` returns; always includes "overall"
+    order_symmetric: bool  # prefer(a, b) == 1 − prefer(b, a) always (judges built on scores)
 
     def score_batch(self, pixels, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """`score_pixels` on one batch of `preprocess` output, without gradients, as float32 on the CPU."""
@@ -74,6 +77,7 @@ class ModelScorer:
 
     name: str = "model"
     dimensions: tuple[str, ...] = ("overall",)
+    order_symmetric: bool = True  # `prefer` compares two scores
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32, batch_size: int = 16,
                  temperature: float = 1.0):

@@ -63,6 +63,8 @@ class YesNoBackend(Protocol):
 class ChecklistScorer:
     """Scores images with a `Checklist` answered by a `YesNoBackend`; results per question, dimension and overall."""
 
+    order_symmetric = True  # `prefer` compares two overall scores
+
     def __init__(self, name: str, checklist: Checklist, backend: YesNoBackend, temperature: float = 1.0):
         self.name, self.checklist, self.backend, self.temperature = name, checklist, backend, temperature
         self.dimensions = ("overall", *checklist.dimensions, *(q.key for q in checklist.questions))
@@ -97,3 +99,31 @@ class ChecklistScorer:
     def prefer(self, a: Images, b: Images, prompts: Sequence[str]) -> Preference:
         sa, sb = self.score(a, prompts)["overall"], self.score(b, prompts)["overall"]
         return Preference(bradley_terry(sa, sb, self.temperature), calibrated=False)
+
+
+class QuestionVoteJudge:
+    """A pairwise judge over a checklist that is not a function of the score difference: it asks both images every
+    question and prefers the one that wins more questions, ignoring the weights (a tie when they win as many).
+
+    A question is won by the image whose gated answer is better: with ``hard`` (default) the yes / no / does-not-apply
+    verdict, sign(a) ∈ {−1, 0, 1}, as a person ticking boxes would compare; otherwise the graded answer itself. So an
+    image that fixes two minor questions beats one that fixes a single heavily weighted one, where the checklist's
+    score says the opposite: win-rates from this judge differ from ranks of the score. P ∈ {0, ½, 1}, uncalibrated.
+    """
+
+    order_symmetric = True  # the questions are answered per image; the count comparison is antisymmetric
+
+    def __init__(self, checklist_scorer: ChecklistScorer, hard: bool = True):
+        self.checklist_scorer, self.hard = checklist_scorer, hard
+        self.name = f"{checklist_scorer.name}-votes"
+
+    def question_wins(self, a: Images, b: Images, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(questions a wins, questions b wins), each (B,)."""
+        va, vb = self.checklist_scorer.answers(a, prompts), self.checklist_scorer.answers(b, prompts)
+        if self.hard:
+            va, vb = torch.sign(va), torch.sign(vb)
+        return (va > vb).sum(-1), (vb > va).sum(-1)
+
+    def prefer(self, a: Images, b: Images, prompts: Sequence[str]) -> Preference:
+        wins_a, wins_b = self.question_wins(a, b, prompts)
+        return Preference(torch.where(wins_a > wins_b, 1.0, torch.where(wins_a < wins_b, 0.0, 0.5)), calibrated=False)

@@ -300,11 +300,7 @@ def _seeds(words: list[str]) -> list[int]:
 
 
 def _generation_prompts(args: argparse.Namespace) -> list[str]:
-    import json
-    from pathlib import Path
-
-    from diffalign.data.errors import DataError
-    from diffalign.eval.imagefolder import read_prompt_list
+    from diffalign.data.sources.prompts import builtin_prompt_set, read_prompt_file
 
     given = [x for x in (args.prompts, args.prompts_file, args.prompt_set) if x]
     if len(given) != 1:
@@ -312,22 +308,8 @@ def _generation_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts:
         return list(args.prompts)
     if args.prompt_set:
-        if args.prompt_set == "parti":
-            from diffalign.eval.prompts import parti_prompts
-
-            return [p.prompt for p in parti_prompts()]
-        from diffalign.toy.scenes import HELD_OUT, TRAIN
-
-        return [spec.caption for spec in {"toy-train": TRAIN, "toy-held-out": HELD_OUT}[args.prompt_set]]
-    path = Path(args.prompts_file)
-    if not path.is_file():
-        raise DataError(f"--prompts-file {path}: not found")
-    if path.suffix == ".jsonl":  # `diffalign prompts ... --out x.jsonl` writes one {"prompt": ...} object per line
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
-            raise DataError(f"{path}: each line needs a \"prompt\" string")
-        return [r["prompt"] for r in rows]
-    return read_prompt_list(path)
+        return builtin_prompt_set(args.prompt_set)
+    return read_prompt_file(args.prompts_file)
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:

@@ -200,6 +200,29 @@ def _draw_noise(
     return torch.randn(shape, device=like.device, dtype=dtype)
 
 
+def ddim_mean_std(
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor | int,
+    t_prev: torch.Tensor | int,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+    eta: float,
+    final_alpha_cumprod: float = 1.0,
+    clip_x0: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, σ_t) of the stochastic DDIM step x_{t_prev} ~ N(μ, σ_t²·I) (notation of `ddim_step_with_logprob`): μ in the
+    work dtype, σ broadcast as (B, 1, ..., 1). The closed-form KL between two such steps of equal σ is
+    ‖μ_θ − μ_ref‖² / (2σ²)."""
+    a_t = _alpha_bar(alphas_cumprod, t, x_t)
+    a_prev = _alpha_bar(alphas_cumprod, t_prev, x_t, final_alpha_cumprod)
+    sigma = _sigma(a_t, a_prev, eta)
+    x0, eps = _x0_eps(model_output, x_t, a_t, prediction_type)
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+    return a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps, sigma
+
+
 def ddim_step_with_logprob(
     model_output: torch.Tensor,
     x_t: torch.Tensor,
@@ -238,18 +261,12 @@ def ddim_step_with_logprob(
     given, it is scored as is (no draw). The returned x_prev is in x_t's dtype and log_prob is computed on
     that returned tensor, so re-scoring it later gives the same value.
     """
-    a_t = _alpha_bar(alphas_cumprod, t, x_t)
-    a_prev = _alpha_bar(alphas_cumprod, t_prev, x_t, final_alpha_cumprod)
-    sigma = _sigma(a_t, a_prev, eta)  # (B, 1, ..., 1)
+    mean, sigma = ddim_mean_std(model_output, x_t, t, t_prev, alphas_cumprod, prediction_type, eta, final_alpha_cumprod, clip_x0)
     if not bool((sigma > 0).all()):
         raise ValueError(
             f"ddim_step_with_logprob needs σ_t > 0 for a log-prob (η > 0 and t_prev < t); got η={eta}, "
             f"t={_timesteps(t, x_t).tolist()}, t_prev={_timesteps(t_prev, x_t).tolist()}; use ddim_step for η = 0"
         )
-    x0, eps = _x0_eps(model_output, x_t, a_t, prediction_type)
-    if clip_x0 is not None:
-        x0 = x0.clamp(-clip_x0, clip_x0)
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
     if prev_sample is None:
         z = noise.to(device=mean.device, dtype=mean.dtype) if noise is not None else _draw_noise(mean.shape, x_t, mean.dtype, generator)
         prev_sample = (mean + sigma * z).to(x_t.dtype)

@@ -88,3 +88,13 @@ def shuffle_folder(folder, rng: random.Random):
         (folder / line["file"]).rename(folder / name)
         line["file"] = name
     (folder / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide precision; a test that changes it resets around itself."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -344,7 +344,7 @@ def test_missing_source_path_is_named(tmp_path):
 
 
 def test_missing_source_kind_is_named():
-    kinds = "pickapic, folder, hpdv2, demo, synthetic, captions, toy_scenes"
+    kinds = "pickapic, folder, hpdv2, demo, synthetic, captions, toy_scenes, prompts"
     with pytest.raises(ConfigError, match=rf"data\.source\.kind: required key is missing \(one of: {kinds}\)"):
         validate_config({"data": {"source": {"path": "x"}}})
 

@@ -320,6 +320,12 @@ NOT_OFFICIAL = {
     "toy/dense": "toy",
     "toy/npo": "toy",
     "toy/self_npo": "toy",
+    "sd15_pref_grpo": "reconstructed",  # Pref-GRPO's runs are FLUX: values transferred from its script and DanceGRPO SD
+    "sdxl_pref_grpo": "reconstructed",
+    "sd15_grpo": "reconstructed",  # DanceGRPO SD's values; its 8-GPU batch layout reconstructed
+    "sdxl_grpo": "reconstructed",
+    "toy/pref_grpo": "toy",
+    "toy/grpo": "toy",
     "toy_eval_heldout": "toy",
 }
 _RECIPE = re.compile(r"^# Recipe: (official|reconstructed|toy)\b", re.M)

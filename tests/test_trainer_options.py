@@ -89,16 +89,6 @@ def test_an_optional_feature_without_its_package_names_the_extra(tmp_path, demo_
         _trainer(tmp_path, demo_parquet, package, override)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide precision; a test that changes it resets around itself."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_bf16_keeps_lora_parameters_fp32(tmp_path, demo_parquet, fresh_accelerate_state):
     t = _trainer(tmp_path, demo_parquet, "bf16", "train.mixed_precision=bf16", "train.max_steps=1")
     t.train()

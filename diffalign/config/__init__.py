@@ -48,6 +48,7 @@ from diffalign.config.sections import (
     ModelConfig,
     OptimConfig,
     PickapicSource,
+    PromptsSource,
     SourceConfig,
     SyntheticSource,
     ToyScenesSource,
@@ -59,7 +60,7 @@ __all__ = [
     "DenseMethod", "InPOMethod", "NPOMethod", "RankDPOMethod", "SelfNPOMethod", "SmPOMethod",
     "DemoSource", "EMAConfig", "EVAL_ONLY_PROMPT_SETS", "EvalConfig", "FolderSource", "Hpdv2Source", "LogConfig", "LoraConfig", "METHOD_CONFIGS",
     "MethodConfig", "ModelConfig", "OptimConfig", "PROMPT_SETS", "PickapicSource", "SFTMethod", "SOURCE_CONFIGS", "Section",
-    "SourceConfig", "SyntheticSource", "ToyScenesSource", "CaptionsSource",
+    "SourceConfig", "SyntheticSource", "ToyScenesSource", "CaptionsSource", "PromptsSource",
     "TrainConfig", "apply_overrides", "dump_config", "load_config", "parse_override", "read_yaml",
     "shipped_config_path", "shipped_configs", "uses_beta", "validate_config",
 ]

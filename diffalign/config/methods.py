@@ -214,6 +214,93 @@ class DenseMethod(PairwiseLabel):
     )
 
 
+class GroupRollouts(Section):
+    """Online sampling and the clipped-ratio policy loss shared by the GRPO family (`pref_grpo`, `grpo`). Defaults are the
+    SD-side GRPO code's (DDPO `kvablack/ddpo-pytorch` config/base.py; DanceGRPO `fastvideo/train_grpo_sd.py` and
+    config_sd), transferred to Pref-GRPO, whose own runs are on FLUX (research/npo_grpo.md §3-4)."""
+
+    group_size: int = Field(16, ge=2, description="G, images per prompt (DanceGRPO SD num_generations 16; Pref-GRPO FLUX 8).")
+    groups_per_round: int = Field(
+        4,
+        ge=1,
+        description="Prompts (groups) sampled per rollout round, over all processes; the round's G·groups trajectories are then "
+        "trained in optimizer steps of train.batch_size × grad_accum × processes trajectories (must divide it), so later steps "
+        "of a round are off-policy and the ratio clip matters.",
+    )
+    sampling_steps: int = Field(50, ge=2, description="DDIM steps of a rollout (DDPO and DanceGRPO SD: 50).")
+    eta: float = Field(1.0, gt=0, description="DDIM η of the rollout policy (DDPO, DanceGRPO SD: 1.0, DDPM-like); > 0 for a log-prob.")
+    guidance: float = Field(5.0, ge=1, description="CFG scale during rollouts and training, both branches from the policy (DDPO, DanceGRPO SD: 5.0).")
+    same_noise: bool = Field(True, description="The G images of a group start from one initial noise (DanceGRPO; Pref-GRPO --init_same_noise).")
+    timestep_fraction: float = Field(
+        1.0, gt=0, le=1,
+        description="Share of each trajectory's trainable steps trained, a random subset per trajectory (DanceGRPO SD: all; "
+        "DDPO 1.0; Pref-GRPO FLUX 0.6).",
+    )
+    ignore_last: bool = Field(True, description="Never train the last step, whose σ is tiny (Pref-GRPO --ignore_last; DanceGRPO SD trains 49 of 50).")
+    clip_range: float = Field(1e-4, gt=0, description="ε of the ratio clip [1-ε, 1+ε] (DDPO, DanceGRPO, Pref-GRPO: 1e-4).")
+    adv_clip: float = Field(5.0, gt=0, description="Advantages clipped to ±adv_clip (all three: 5).")
+    kl_beta: float = Field(
+        0.0, ge=0,
+        description="Weight of the closed-form KL to the reference, mean((μ_θ - μ_ref)²)/(2σ²) per step (Pref-GRPO kl_beta, default 0; "
+        "Flow-GRPO 0.01-0.04); > 0 builds the reference (LoRA: adapters off).",
+    )
+    detach_uncond: bool = Field(False, description="No gradient through the unconditional branch (Flow-GRPO); false as DDPO / DanceGRPO SD.")
+    scorer_options: dict[str, dict] = Field(
+        default_factory=dict,
+        description="Options per reward scorer, e.g. {pickscore: {path: /models/PickScore_v1}}; weight files left out are looked "
+        "up in $DIFFALIGN_WEIGHTS under their release names (docs/scorers.md).",
+    )
+
+
+class PrefGRPOMethod(GroupRollouts):
+    name: Literal["pref_grpo"] = Field(
+        "pref_grpo",
+        description="Method tag: Pref-GRPO (Wang et al., arXiv:2508.20751): GRPO with the win-rate of each image over its group "
+        "under a pairwise judge as the reward, against the illusory advantage of pointwise rewards.",
+    )
+    judge: str = Field("pickscore", description="Scorer whose `prefer` judges the pairs (Pref-GRPO: UnifiedReward-Think, a VLM judge).")
+    judge_mode: Literal["prefer", "votes"] = Field(
+        "prefer",
+        description="'prefer': the scorer's own P(a ≻ b); 'votes': a checklist scorer's question-by-question vote (the image that "
+        "wins more questions; `diffalign.scorers.checklist.QuestionVoteJudge`).",
+    )
+    both_orders: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Ask the judge with each image first and average ('auto': when the scorer is not order-symmetric). The official "
+        "code asks once, lower index first: a position bias.",
+    )
+    win_rule: Literal["threshold", "expected"] = Field(
+        "threshold",
+        description="'threshold': a win when P > ½ + tie_band, a tie inside the band (official: the judge's verdict, unparsable = tie); "
+        "'expected': P itself counts.",
+    )
+    tie_band: float = Field(0.0, ge=0, lt=0.5, description="Half-width of the tie band around ½ for win_rule threshold.")
+    extra_rewards: dict[str, float] = Field(
+        default_factory=dict,
+        description="Pointwise scorers mixed in as weighted group advantages, e.g. {clipscore: 1.4} with win_rate_weight 0.7 (the "
+        "paper-era script's 0.7·A_WR + 1.4·A_CLIP).",
+    )
+    win_rate_weight: float = Field(1.0, ge=0, description="Weight of the win-rate advantage in the mix.")
+    renormalize: bool = Field(False, description="Renormalise the mixed advantage over the batch (the release's --apply_gdpo).")
+
+
+class GRPOMethod(GroupRollouts):
+    name: Literal["grpo"] = Field(
+        "grpo",
+        description="Method tag: GRPO with pointwise rewards (DanceGRPO's SD recipe): group-normalised scores, the baseline Pref-GRPO "
+        "says over-optimises trivial differences (the illusory advantage).",
+    )
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"hpsv21": 1.0}, description="Scorer -> weight (DanceGRPO SD: HPSv2.1)."
+    )
+    combine: Literal["advantages", "sum"] = Field(
+        "advantages",
+        description="'advantages': each reward normalised in its group, then weighted (Pref-GRPO's dispatcher); 'sum': the weighted "
+        "sum of raw scores, then normalised.",
+    )
+    renormalize: bool = Field(False, description="Renormalise the mixed advantage over the batch (--apply_gdpo).")
+
+
 METHOD_CONFIGS: dict[str, type[Section]] = {
     "dpo": DPOMethod,
     "sft": SFTMethod,
@@ -223,6 +310,8 @@ METHOD_CONFIGS: dict[str, type[Section]] = {
     "dense": DenseMethod,
     "npo": NPOMethod,
     "self_npo": SelfNPOMethod,
+    "pref_grpo": PrefGRPOMethod,
+    "grpo": GRPOMethod,
 }
 
 

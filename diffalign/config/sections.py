@@ -238,7 +238,28 @@ class SyntheticSource(_ScorerList):
         return v
 
 
-SOURCE_CONFIGS = (PickapicSource, FolderSource, Hpdv2Source, DemoSource, SyntheticSource, CaptionsSource, ToyScenesSource)
+class PromptsSource(Section):
+    kind: Literal["prompts"] = Field(
+        "prompts", description="Source type tag: prompts only, for online methods that sample their own images (pref_grpo, grpo)."
+    )
+    prompts: Union[list[str], str] = Field(
+        ...,
+        description="A list of prompts, a built-in set ('toy-train': the toy world's training captions; 'parti': PartiPrompts), or a "
+        "file: .txt (one per line) or .jsonl with a \"prompt\" field (what `diffalign prompts` writes). Held-out toy captions are refused.",
+    )
+    num_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts (null = all).")
+
+    @field_validator("prompts")
+    @classmethod
+    def _no_held_out(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str) and v in EVAL_ONLY_PROMPT_SETS:
+            raise ValueError(f"prompt set {v!r} is {EVAL_ONLY_PROMPT_SETS[v]}: held-out captions are never trained on")
+        if isinstance(v, list) and not v:
+            raise ValueError("needs at least one prompt")
+        return v
+
+
+SOURCE_CONFIGS = (PickapicSource, FolderSource, Hpdv2Source, DemoSource, SyntheticSource, CaptionsSource, ToyScenesSource, PromptsSource)
 SourceConfig = Annotated[Union[SOURCE_CONFIGS], Field(discriminator="kind")]
 
 

@@ -5,6 +5,7 @@ Each module documents its paper's equation and the official code's convention.
 
 from diffalign.objectives.dense import dense_dpo_loss, dense_logit_weight, discounted_timestep_probs, step_index
 from diffalign.objectives.dpo import LOGIT_LIMIT, DPOLoss, dpo_logits, dpo_loss, effective_label, pairwise_loss
+from diffalign.objectives.grpo import clipped_policy_loss, gaussian_mean_kl
 from diffalign.objectives.rankdpo import RankDPOLoss, rank_positions, rankdpo_loss, rankdpo_pair_weights
 from diffalign.objectives.sft import sft_loss
 from diffalign.objectives.smpo import PICKSCORE_HIGH, PICKSCORE_LOW, PICKSCORE_RAW_HIGH, PICKSCORE_RAW_LOW, smpo_loss, smpo_probability
@@ -17,6 +18,8 @@ __all__ = [
     "PICKSCORE_RAW_HIGH",
     "PICKSCORE_RAW_LOW",
     "RankDPOLoss",
+    "clipped_policy_loss",
+    "gaussian_mean_kl",
     "dense_dpo_loss",
     "dense_logit_weight",
     "step_index",

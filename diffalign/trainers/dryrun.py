@@ -38,6 +38,8 @@ class DryRun:
     step_s: float = float("nan")
     run_h: float = float("nan")
     peak_memory: str = ""
+    rollout: str = ""  # online methods: the rollout round's cost, amortised over its steps
+    rollout_share_s: float = 0.0
 
     def lines(self) -> list[str]:
         return [
@@ -49,7 +51,9 @@ class DryRun:
             f"timed on         {self.timed_on}",
             f"per micro-batch  {self.micro_s:.3f} s (forward + backward)",
             f"optimizer update {self.optimizer_s:.3f} s",
-            f"per step         {self.step_s:.3f} s (estimated: grad_accum x micro-batch + update, one process)",
+            *([f"rollout round    {self.rollout}"] if self.rollout else []),
+            f"per step         {self.step_s:.3f} s (estimated: grad_accum x micro-batch + update"
+            + (" + rollout share" if self.rollout else "") + ", one process)",
             f"whole run        {self.run_h:.2f} h for train.max_steps (one process; ÷ processes under accelerate launch)",
             f"peak memory      {self.peak_memory}",
             "dry run: nothing was trained or written",
@@ -74,12 +78,14 @@ def dry_run(path: str | Path | None, overrides: list[str], micro_batches: int = 
             timing_cfg = timing_cfg.model_copy(update={"train": timing_cfg.train.model_copy(update={"mixed_precision": "no"})})
             report.timed_on += "; fp16 needs a GPU: timed in fp32 on this CPU"
         _measure(timing_cfg, report, micro_batches)
-    report.step_s = t.grad_accum * report.micro_s + report.optimizer_s
+    report.step_s = t.grad_accum * report.micro_s + report.optimizer_s + report.rollout_share_s
     report.run_h = report.step_s * t.max_steps / 3600
     return report
 
 
 def _cache_status(cfg: Config) -> str:
+    if cfg.data.source.kind == "prompts":
+        return "none: an online method samples its images during training (data.source.kind = prompts)"
     root = Path(cfg.data.cache_dir)
     try:
         manifest = check_cache(cfg)
@@ -96,6 +102,8 @@ def _timing_config(cfg: Config, cache_ready: bool, tmp: Path, micro_batches: int
                          resume=None, dataloader_workers=0)
     data["log"].update(tracker="none", progress=False)
     data["eval"]["validation_every"] = 0
+    if cfg.data.source.kind == "prompts":
+        return Config.model_validate(data), f"the run's own prompts ({cfg.method.name} samples its images)"
     if cache_ready:
         return Config.model_validate(data), f"the real cache ({cfg.data.cache_dir})"
     pairs = cfg.train.batch_size * (micro_batches + 1)
@@ -124,6 +132,21 @@ def _measure(cfg: Config, report: DryRun, micro_batches: int) -> None:
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
+    if trainer.online:
+        _measure_online(trainer, report, micro_batches, timed)
+    else:
+        _measure_offline(trainer, report, micro_batches, timed)
+    if cuda:
+        report.peak_memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
+    else:
+        report.peak_memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process RSS (CPU run)"
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _measure_offline(trainer, report: DryRun, micro_batches: int, timed) -> None:
     micro, update = [], []
     for i in range(micro_batches + 1):  # the first is a warm-up (allocations, kernel selection)
         batch = next(trainer.loader)
@@ -133,8 +156,24 @@ def _measure(cfg: Config, report: DryRun, micro_batches: int) -> None:
         if i:
             micro.append(m)
             update.append(u)
-    report.micro_s, report.optimizer_s = sorted(micro)[len(micro) // 2], sorted(update)[len(update) // 2]
-    if cuda:
-        report.peak_memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
-    else:
-        report.peak_memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process RSS (CPU run)"
+    report.micro_s, report.optimizer_s = _median(micro), _median(update)
+
+
+def _measure_online(trainer, report: DryRun, micro_batches: int, timed) -> None:
+    """One rollout round (sampling, decoding, rewards), then the training steps on it: a whole step each (every
+    micro-batch and trained step; reported per micro-batch of the real run) and the optimizer update."""
+    feed = trainer.feed
+    rollout = timed(lambda: setattr(feed, "round", feed.collect(trainer.models, 0)))
+    steps = min(feed.steps_per_round, micro_batches + 1)
+    report.rollout = (f"{rollout:.3f} s for {feed.round_size} trajectories ({feed.grid.steps} steps, G = {feed.group_size}), "
+                      f"over {feed.steps_per_round} optimizer steps")
+    report.rollout_share_s = rollout / feed.steps_per_round
+    grads, update = [], []
+    for i in range(steps):
+        g = timed(lambda: trainer.online_micro_steps())
+        u = timed(lambda: (trainer.optimizer.step(), trainer.optimizer.zero_grad(set_to_none=True)))
+        trainer.step += 1
+        if i or steps == 1:
+            grads.append(g)
+            update.append(u)
+    report.micro_s, report.optimizer_s = _median(grads), _median(update)  # the timing config has grad_accum 1

@@ -87,10 +87,14 @@ class PreferenceTrainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.method = build_method(cfg.method)
-        needs = self.method.needs
-        unsupported = [what for what, asked in (("rollouts (feed = 'prompts')", needs.feed != "latents"), ("rewards", needs.rewards)) if asked]
-        if unsupported:
-            raise TrainingError(f"method {self.method.name!r} needs {', '.join(unsupported)}, which this loop does not build yet")
+        self.online = self.method.needs.feed == "prompts"
+        if self.online != (cfg.data.source.kind == "prompts"):
+            raise TrainingError(
+                f"method {self.method.name!r} " + ("samples its own images: data.source.kind must be 'prompts'" if self.online else
+                                                    "trains on cached images: data.source.kind 'prompts' is for online methods"))
+        if self.online and cfg.model.finetune == "lora" and cfg.model.lora.dropout > 0:
+            raise TrainingError("online methods need model.lora.dropout = 0: dropout would make the trained policy differ from the "
+                                "one that sampled the rollouts (their ratio must start at 1)")
         self.output_dir = Path(cfg.train.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
 
@@ -114,22 +118,13 @@ class PreferenceTrainer:
         if cfg.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
-        # 1. the frozen parts and the data: components load once; the cache is built by the main process
+        # 1. the frozen parts and the data: components load once; the cache is built by the main process (an online
+        #    method's data is its prompt list; its text encoders and VAE stay on the device for the rollouts)
         self.components = components or load_components(cfg.model)
-        with acc.main_process_first():
-            if acc.is_main_process:  # encodes on the GPU when there is one, then gives the encoders back
-                prepare_cache(cfg, self.components, progress=cfg.log.progress)  # builds, or verifies a complete cache once
-        self.manifest = read_json(Path(cfg.data.cache_dir) / MANIFEST)
-        refuse_evaluation_only(self.manifest, cfg.data.cache_dir)  # held-out captions never become training data
-        self.dataset = LatentPairDataset(cfg.data.cache_dir, cfg.data, manifest=self.manifest)
-        if len(self.dataset) == 0:
-            raise TrainingError(f"data: no usable items in {cfg.data.cache_dir} (ties dropped: data.ties = {cfg.data.ties})")
-        if self.method.needs.preferences and self.dataset.k == 1:
-            raise TrainingError(f"method {self.method.name!r} trains on preferences, but the cache at {cfg.data.cache_dir} holds single "
-                                f"captioned images (data.source.kind = {cfg.data.source.kind}); use a preference source, or a method "
-                                "that needs none (self_npo)")
-        if hasattr(self.method, "use_data"):  # a method that needs whole-cache statistics (e.g. SmPO's score range)
-            self.method.use_data(self.dataset)
+        if self.online:
+            self._setup_prompts()
+        else:
+            self._setup_cache()
 
         # 2. the trained UNet; the reference is made BEFORE any checkpoint is loaded, so it stays the base (or the
         #    previous output of `model.init_from`, merged after the cache, which always comes from `model.pretrained`)
@@ -187,28 +182,38 @@ class PreferenceTrainer:
 
         scheduler = self.components.scheduler
         self.schedule = Schedule(scheduler.alphas_cumprod.float(), self.components.prediction_type)
-        self.batch_rules = BatchRules(
-            num_train_timesteps=scheduler.config.num_train_timesteps,
-            scaling_factor=self.components.vae.config.scaling_factor,
-            empty_prompt_embeds=self.dataset.empty_prompt_embeds,
-            empty_pooled=self.dataset.empty_pooled,
-            caption_dropout=cfg.data.caption_dropout,
-        )
+        if not self.online:
+            self.batch_rules = BatchRules(
+                num_train_timesteps=scheduler.config.num_train_timesteps,
+                scaling_factor=self.components.vae.config.scaling_factor,
+                empty_prompt_embeds=self.dataset.empty_prompt_embeds,
+                empty_pooled=self.dataset.empty_pooled,
+                caption_dropout=cfg.data.caption_dropout,
+            )
         self.models = Models(self.unet, acc, self.schedule, self.weight_dtype, lora=self.lora, frozen_reference=self.reference,
                              teacher=self.teacher.unet if self.teacher else None)
 
         # 4. where to start
         self.step, self.micro_batch = 0, 0
         self.skipped_steps = self.skips_in_a_row = 0
+        self.feed = None
+        if self.online:
+            from diffalign.trainers.online import OnlineFeed, OnlineSetupError
+
+            try:
+                self.feed = OnlineFeed(cfg, self.method, self.prompts, self.components, acc, self.scorers)
+            except OnlineSetupError as e:
+                raise TrainingError(str(e)) from None
         self.resumed_from = self.resume()
-        self.sampler = GlobalBatchSampler(
-            len(self.dataset), cfg.train.batch_size, cfg.train.seed, acc.num_processes, acc.process_index, self.micro_batch
-        )
-        self.loader = iter(
-            torch.utils.data.DataLoader(
-                self.dataset, batch_size=cfg.train.batch_size, sampler=self.sampler, num_workers=cfg.train.dataloader_workers
+        if not self.online:
+            self.sampler = GlobalBatchSampler(
+                len(self.dataset), cfg.train.batch_size, cfg.train.seed, acc.num_processes, acc.process_index, self.micro_batch
             )
-        )
+            self.loader = iter(
+                torch.utils.data.DataLoader(
+                    self.dataset, batch_size=cfg.train.batch_size, sampler=self.sampler, num_workers=cfg.train.dataloader_workers
+                )
+            )
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.output_dir / "config.yaml", dump_config(cfg))
@@ -216,10 +221,43 @@ class PreferenceTrainer:
             acc.init_trackers(cfg.log.project, config=_flat_hparams(cfg))
         self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", acc.is_main_process, self.step if self.resumed_from else None)
 
+    def _setup_cache(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        with acc.main_process_first():
+            if acc.is_main_process:  # encodes on the GPU when there is one, then gives the encoders back
+                prepare_cache(cfg, self.components, progress=cfg.log.progress)  # builds, or verifies a complete cache once
+        self.manifest = read_json(Path(cfg.data.cache_dir) / MANIFEST)
+        refuse_evaluation_only(self.manifest, cfg.data.cache_dir)  # held-out captions never become training data
+        self.dataset = LatentPairDataset(cfg.data.cache_dir, cfg.data, manifest=self.manifest)
+        if len(self.dataset) == 0:
+            raise TrainingError(f"data: no usable items in {cfg.data.cache_dir} (ties dropped: data.ties = {cfg.data.ties})")
+        if self.method.needs.preferences and self.dataset.k == 1:
+            raise TrainingError(f"method {self.method.name!r} trains on preferences, but the cache at {cfg.data.cache_dir} holds single "
+                                f"captioned images (data.source.kind = {cfg.data.source.kind}); use a preference source, or a method "
+                                "that needs none (self_npo)")
+        if hasattr(self.method, "use_data"):  # a method that needs whole-cache statistics (e.g. SmPO's score range)
+            self.method.use_data(self.dataset)
+
+    def _setup_prompts(self) -> None:
+        from diffalign.data.digest import json_digest
+        from diffalign.data.sources.prompts import training_prompts
+        from diffalign.scorers.registry import load_scorers
+
+        cfg, acc = self.cfg, self.accelerator
+        self.prompts = training_prompts(cfg.data.source)
+        self.manifest = {"fingerprint": "prompts:" + json_digest(self.prompts)}  # the run's data identity
+        self.dataset = None
+        c = self.components
+        with quiet_loading():
+            for module in (c.vae, *c.text_encoders):
+                module.to(acc.device).requires_grad_(False)
+        self.scorers = load_scorers(self.method.scorer_names(), cfg.method.scorer_options, device=str(acc.device))
+
     def describe(self) -> str:
         c, n = self.cfg.train, self.accelerator.num_processes
+        data = f"{len(self.prompts)} prompts" if self.online else f"{len(self.dataset)} items"
         return (
-            f"{self.method.name} · {self.components.family} · {self.cfg.model.finetune} · {len(self.dataset)} items · "
+            f"{self.method.name} · {self.components.family} · {self.cfg.model.finetune} · {data} · "
             f"global batch {c.batch_size} × {c.grad_accum} accum × {n} proc = {c.batch_size * c.grad_accum * n} · lr {self.lr:g}"
         )
 
@@ -233,14 +271,39 @@ class PreferenceTrainer:
         ids = raw["item_id"].tolist()
         draws = Draws(self.cfg.train.seed, self.step, range(first, first + len(ids)), ids)
         with self._lora_dropout_rng(first):
-            loss, metrics = self.method.loss(self.models, build_batch(raw, self.batch_rules, draws), draws)
-            if not self._finite_everywhere(loss):
-                if torch.isfinite(loss):
-                    return metrics, f"non-finite loss on another process at step {self.step}, micro-batch {micro}"
-                shown = ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items() if k != "loss")
-                return metrics, f"non-finite loss {loss.item()} at step {self.step}, micro-batch {micro}, items {ids} ({shown})"
-            acc.backward(loss / self.cfg.train.grad_accum)
+            return self._backward(lambda: self.method.loss(self.models, build_batch(raw, self.batch_rules, draws), draws),
+                                  self.cfg.train.grad_accum, f"micro-batch {micro}, items {ids}")
+
+    def _backward(self, compute, divisor: int, where: str) -> tuple[dict[str, torch.Tensor], str | None]:
+        """Backward of `compute()`'s loss / divisor when it is finite on every process; else why not (no backward)."""
+        loss, metrics = compute()
+        if not self._finite_everywhere(loss):
+            if torch.isfinite(loss):
+                return metrics, f"non-finite loss on another process at step {self.step}, {where}"
+            shown = ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items() if k != "loss")
+            return metrics, f"non-finite loss {loss.item()} at step {self.step}, {where} ({shown})"
+        self.accelerator.backward(loss / divisor)
         return metrics, None
+
+    def online_micro_steps(self) -> tuple[dict[str, torch.Tensor], str | None, dict]:
+        """An online step's backwards: per micro-batch of trajectories, one per trained step (`trainers.online`).
+        Returns the averaged metrics, why the step is skipped (if it is) and the round's metrics (at its first step)."""
+        acc, accum = self.accelerator, self.cfg.train.grad_accum
+        micro_batches, round_metrics = self.feed.step_batches(self.models, self.step)  # rollouts in train mode too (no dropout)
+        sums: dict[str, torch.Tensor] = {}
+        divisor = accum * self.feed.steps_per_trajectory
+        for micro, batches in enumerate(micro_batches):
+            for j, batch in enumerate(batches):
+                last = micro == accum - 1 and j == len(batches) - 1
+                draws = Draws(self.cfg.train.seed, self.step, batch.traj.slots[batch.rows].tolist(), batch.traj.prompt_ids[batch.rows].tolist())
+                with contextlib.nullcontext() if last else acc.no_sync(self.unet):
+                    metrics, skip = self._backward(lambda: self.method.loss(self.models, batch, draws), divisor,
+                                                   f"micro-batch {micro}, trained step {j}, slots {draws.slots}")
+                if skip is not None:
+                    return sums, skip, round_metrics
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.float() / divisor
+        return sums, None, round_metrics
 
     def _finite_everywhere(self, value: torch.Tensor) -> bool:
         """Whether `value` is finite on every process (all processes then skip or step together)."""
@@ -261,7 +324,7 @@ class PreferenceTrainer:
             torch.manual_seed(seed63(f"{self.cfg.train.seed}/{self.step}/{first_slot}/lora_dropout"))
             yield
 
-    def optimizer_step(self) -> dict[str, float]:
+    def offline_micro_steps(self) -> tuple[dict[str, torch.Tensor], str | None]:
         acc, cfg = self.accelerator, self.cfg
         sums: dict[str, torch.Tensor] = {}
         skip = None  # why this step is skipped (a non-finite loss or gradient norm), if it is
@@ -275,6 +338,15 @@ class PreferenceTrainer:
                 metrics, skip = self.micro_step(batch, micro)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum
+        return sums, skip
+
+    def optimizer_step(self) -> dict[str, float]:
+        acc, cfg = self.accelerator, self.cfg
+        round_metrics = {}
+        if self.online:
+            sums, skip, round_metrics = self.online_micro_steps()
+        else:
+            sums, skip = self.offline_micro_steps()
         lr = self.lr_schedule.get_last_lr()[0]  # the lr this step uses
         grad_norm = None
         if skip is None and cfg.optim.max_grad_norm is not None:
@@ -294,6 +366,7 @@ class PreferenceTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         out = {k: acc.reduce(v.detach(), reduction="mean").item() for k, v in sums.items()}
+        out |= {k: float(v) for k, v in round_metrics.items()}  # the same on every process (rewards of the gathered round)
         out["lr"] = lr
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
@@ -375,6 +448,8 @@ class PreferenceTrainer:
             ckpt.stage(self.checkpoint_root, self.step)
         acc.wait_for_everyone()
         torch_save(staging / f"rng-rank{acc.process_index}.pt", _rng_state())
+        if self.feed is not None:  # the rollout round in progress, this process's share
+            self.feed.save(staging, self.step)
         committed = None
         if acc.is_main_process:
             unet = acc.unwrap_model(self.unet)
@@ -453,6 +528,11 @@ class PreferenceTrainer:
         if not rng_file.is_file():
             raise TrainingError(f"{rng_file}: missing RNG state for this process")
         _set_rng_state(torch_load(rng_file))
+        if self.feed is not None:
+            try:
+                self.feed.load(path, state["step"])
+            except (FileNotFoundError, ValueError) as e:
+                raise TrainingError(f"cannot resume from {path}: {e}") from None
         self.step, self.micro_batch = state["step"], state["micro_batch"]
         self.skipped_steps, self.skips_in_a_row = state.get("skipped_steps", 0), state.get("skips_in_a_row", 0)
         return path

@@ -4,14 +4,13 @@ A method calls `models.policy(x_t, t, cond)` (with gradients) and `models.refere
 the same UNet with its LoRA adapters disabled, or the frozen copy made before training for a full fine-tune).
 Both take inputs on any device and in any dtype and run under the run's autocast, so a method's forwards never
 see LoRA vs full fine-tuning, mixed precision or devices (the batch's preference signals stay on the CPU: a method
-moves what it combines with the errors, e.g. `pair.label.to(errors.device)`). `teacher` and `reward` are filled only when the method's
-`Needs` ask for them (an EMA teacher for Self-NPO, scorers for the online methods); asking a view for one the
-loop did not build is an error that names the missing declaration.
+moves what it combines with the errors, e.g. `pair.label.to(errors.device)`). `teacher` is filled only when the method's
+`Needs` ask for it (an EMA teacher for Self-NPO); asking for one the loop did not build is an error that names the
+missing declaration. Online methods get their scorers through the rollout feed (`diffalign.trainers.online`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +41,12 @@ class Schedule:
 
 
 class Models:
-    """What a method may run: the policy, the reference, an optional teacher and reward, and the schedule."""
+    """What a method may run: the policy, the reference, an optional teacher, and the schedule."""
 
     def __init__(self, unet, accelerator, schedule: Schedule, dtype: torch.dtype, *, lora: bool, frozen_reference=None,
-                 teacher: torch.nn.Module | None = None, reward: Callable | None = None):
+                 teacher: torch.nn.Module | None = None):
         self._unet, self._acc, self._lora, self._frozen = unet, accelerator, lora, frozen_reference
-        self.schedule, self.dtype, self._teacher, self._reward = schedule, dtype, teacher, reward
+        self.schedule, self.dtype, self._teacher = schedule, dtype, teacher
 
     @property
     def device(self) -> torch.device:
@@ -78,9 +77,3 @@ class Models:
         if self._teacher is None:
             raise RuntimeError("this method declared no teacher (Needs.teacher_decay), so the loop built none")
         return self._run(self._teacher, x_t, t, cond)
-
-    def reward(self, images, prompts):
-        """Rewards of decoded images for their prompts (methods with `Needs.rewards`)."""
-        if self._reward is None:
-            raise RuntimeError("this method declared Needs(rewards=False), so the loop loaded no scorers")
-        return self._reward(images, prompts)

@@ -9,8 +9,10 @@ from __future__ import annotations
 from diffalign.trainers.methods.base import Method, Metrics, Needs, OnlineMethod
 from diffalign.trainers.methods.dense import Dense
 from diffalign.trainers.methods.dpo import DPO
+from diffalign.trainers.methods.grpo import GRPO
 from diffalign.trainers.methods.inpo import InPO
 from diffalign.trainers.methods.npo import NPO
+from diffalign.trainers.methods.pref_grpo import PrefGRPO
 from diffalign.trainers.methods.rankdpo import RankDPO
 from diffalign.trainers.methods.self_npo import SelfNPO
 from diffalign.trainers.methods.sft import SFT
@@ -25,6 +27,8 @@ METHODS: dict[str, type] = {
     "dense": Dense,
     "npo": NPO,
     "self_npo": SelfNPO,
+    "pref_grpo": PrefGRPO,
+    "grpo": GRPO,
 }
 
 

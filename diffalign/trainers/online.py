@@ -1,0 +1,188 @@
+"""The feed of an online method: rollout rounds sampled from the policy, rewarded per group, trained step by step.
+
+A round is `groups_per_round` groups of G images (the global batch of the round: slot j is image j % G of group
+j // G). Group q of the run (q = round · groups_per_round + g) takes prompt `order[q mod P]` of a counter-based
+permutation of the P prompts, a new one every P groups (an epoch). Each process samples a contiguous share of the
+round's slots (`rollout.sample_trajectories`), decodes its images, and the images of every process are gathered, so
+each group is judged as one group wherever its images were sampled and every process computes the same advantages
+(the public Pref-GRPO code judges each GPU's share alone). The round's trajectories are then trained in
+`steps_per_round` optimizer steps of `train.batch_size × grad_accum` trajectories per process; within a step, each
+micro-batch of trajectories is trained at each of its chosen steps in turn, one backward per (micro-batch, step)
+with the loss divided by grad_accum × steps per trajectory (Pref-GRPO's normalisation). Each trajectory trains
+`timestep_fraction` of its stochastic steps (the last one left out with `ignore_last`), a counter-based random subset.
+
+A checkpoint inside a round saves this process's share of it (``rollout-rank<p>.safetensors``: latents, old
+log-probs, advantages, chosen steps), since the policy that sampled it is gone; a checkpoint at a round boundary
+needs nothing, the next round being drawn from the saved weights with the same keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffalign.models.loading import encode_prompts
+from diffalign.randomness import epoch_permutation, item_generator
+from diffalign.trainers.batch import Cond
+from diffalign.trainers.methods.grpo import TransitionBatch
+from diffalign.trainers.rollout import SamplingGrid, Trajectories, decode, rollout_noise, sample_trajectories
+
+
+class OnlineSetupError(ValueError):
+    """An online run whose sizes do not fit together (the message names the settings)."""
+
+
+@dataclass
+class Round:
+    """This process's share of one rollout round, ready to train."""
+
+    index: int
+    traj: Trajectories
+    advantages: torch.Tensor  # (n,)
+    trained: torch.Tensor  # (n, J) long: the steps each trajectory trains, in order
+    metrics: dict
+
+
+class OnlineFeed:
+    def __init__(self, cfg, method, prompts: list[str], components, accelerator, scorers: dict):
+        m, t = cfg.method, cfg.train
+        self.cfg, self.method, self.prompts, self.components, self.acc, self.scorers = cfg, method, prompts, components, accelerator, scorers
+        self.group_size = m.group_size
+        self.round_size = m.groups_per_round * m.group_size
+        procs = accelerator.num_processes
+        per_step = t.batch_size * t.grad_accum * procs
+        if self.round_size % per_step:
+            raise OnlineSetupError(
+                f"a rollout round holds method.groups_per_round × method.group_size = {self.round_size} trajectories, which the "
+                f"{per_step} trajectories of an optimizer step (train.batch_size {t.batch_size} × grad_accum {t.grad_accum} × "
+                f"{procs} processes) must divide")
+        self.steps_per_round = self.round_size // per_step
+        self.local = self.round_size // procs
+        self.grid = SamplingGrid.from_scheduler(components.scheduler, m.sampling_steps)
+        trainable = self.grid.stochastic(m.eta).clone()
+        if m.ignore_last:
+            trainable[-1] = False
+        self.trainable_steps = torch.nonzero(trainable).flatten()
+        if len(self.trainable_steps) == 0:
+            raise OnlineSetupError("no trainable rollout step: method.sampling_steps must be at least 2 (3 with ignore_last)")
+        self.steps_per_trajectory = max(1, int(len(self.trainable_steps) * m.timestep_fraction))
+        res = cfg.data.resolution
+        factor = components.vae_scale_factor
+        if res % factor:
+            raise OnlineSetupError(f"data.resolution {res} is not divisible by the VAE's spatial factor {factor}")
+        self.latent_shape = (components.unet.config.in_channels, res // factor, res // factor)
+        self.round: Round | None = None
+
+    # ------------------------------------------------------------------------------------------ rounds
+
+    def round_of(self, step: int) -> int:
+        return step // self.steps_per_round
+
+    def prompt_ids(self, r: int) -> list[int]:
+        """The prompt of every slot of round r (global), G slots per group."""
+        m, n = self.cfg.method, len(self.prompts)
+        ids = []
+        for g in range(m.groups_per_round):
+            q = r * m.groups_per_round + g
+            ids += [int(epoch_permutation(n, self.cfg.train.seed, q // n)[q % n])] * self.group_size
+        return ids
+
+    def encode(self, prompts: list[str]) -> tuple[Cond, Cond]:
+        """(conditional, unconditional) conditioning as the pipelines build it (SDXL: pooled and time ids; zeros for an
+        empty prompt where the model says so)."""
+        c, device = self.components, self.acc.device
+        embeds, pooled = encode_prompts(c, prompts, device)
+        if c.family == "sdxl" and c.zero_empty_prompt:
+            e_u, p_u = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        else:
+            e_u, p_u = encode_prompts(c, [""] * len(prompts), device)
+        if c.family != "sdxl":
+            return Cond(embeds.cpu()), Cond(e_u.cpu())
+        res = self.cfg.data.resolution
+        ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).expand(len(prompts), 6)
+        return Cond(embeds.cpu(), pooled.cpu(), ids), Cond(e_u.cpu(), p_u.cpu(), ids)
+
+    def collect(self, models, r: int) -> Round:
+        """Sample, decode, reward (all groups, gathered) and choose the trained steps of round r for this process."""
+        m, seed = self.cfg.method, self.cfg.train.seed
+        ids = self.prompt_ids(r)
+        first = self.acc.process_index * self.local
+        slots = list(range(first, first + self.local))
+        mine = [ids[s] for s in slots]
+        prompts = [self.prompts[i] for i in mine]
+        cond, uncond = self.encode(prompts)
+        init, noise = rollout_noise(seed, r, slots, mine, self.group_size, self.grid.steps, self.latent_shape, m.same_noise)
+        latents, log_probs = sample_trajectories(models, cond, uncond, init, noise, self.grid, m.guidance, m.eta)
+        images = decode(self.components.vae, latents[:, -1], self.components.vae.config.scaling_factor)
+        everyone = self.acc.gather(images.to(self.acc.device)).cpu() if self.acc.num_processes > 1 else images
+        groups = torch.arange(self.round_size) // self.group_size
+        advantages, metrics = self.method.advantages(self.scorers, everyone, [self.prompts[i] for i in ids], groups)
+        slot_tensor = torch.tensor(slots)
+        traj = Trajectories(prompts, torch.tensor(mine), slot_tensor // self.group_size, slot_tensor % self.group_size, slot_tensor,
+                            cond, uncond, latents, log_probs, self.grid, m.guidance, m.eta, images=images)
+        return Round(r, traj, advantages[slot_tensor].float(), self.trained_steps(r, slots, mine), metrics)
+
+    def trained_steps(self, r: int, slots: list[int], prompt_ids: list[int]) -> torch.Tensor:
+        """(n, J): each trajectory's trained steps, a counter-based random subset of the trainable ones."""
+        rows = []
+        for slot, pid in zip(slots, prompt_ids):
+            perm = torch.randperm(len(self.trainable_steps), generator=item_generator(self.cfg.train.seed, r, slot, pid, "trained_steps"))
+            rows.append(self.trainable_steps[perm[: self.steps_per_trajectory]])
+        return torch.stack(rows)
+
+    # ------------------------------------------------------------------------------------- one step
+
+    def step_batches(self, models, step: int):
+        """The round for `step` (sampled at the round's first step) and, per micro-batch, its transition batches: a list
+        of grad_accum lists of J `TransitionBatch`es. Also returns the round's metrics at its first step."""
+        r = self.round_of(step)
+        fresh = self.round is None or self.round.index != r
+        if fresh:
+            self.round = self.collect(models, r)
+        b, accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
+        start = (step % self.steps_per_round) * b * accum
+        micro = []
+        for a in range(accum):
+            rows = torch.arange(start + a * b, start + (a + 1) * b)
+            micro.append([TransitionBatch(self.round.traj, rows, self.round.trained[rows, j], self.round.advantages[rows])
+                          for j in range(self.steps_per_trajectory)])
+        return micro, (self.round.metrics if fresh else {})
+
+    # ----------------------------------------------------------------------------------- checkpoints
+
+    def state_file(self, directory: Path) -> Path:
+        return directory / f"rollout-rank{self.acc.process_index}.safetensors"
+
+    def save(self, directory: Path, step: int) -> None:
+        """This process's share of the round in progress, when `step` is inside one (nothing at a round boundary)."""
+        from diffalign.io import save_safetensors
+
+        if step % self.steps_per_round == 0 or self.round is None:
+            return
+        rd = self.round
+        save_safetensors(self.state_file(directory), {
+            "round": torch.tensor([rd.index]), "latents": rd.traj.latents, "log_probs": rd.traj.log_probs,
+            "advantages": rd.advantages, "trained": rd.trained, "prompt_ids": rd.traj.prompt_ids, "slots": rd.traj.slots})
+
+    def load(self, directory: Path, step: int) -> None:
+        """Restore the round in progress at `step` (written by `save`); a round boundary needs nothing."""
+        from diffalign.io import load_safetensors
+
+        if step % self.steps_per_round == 0:
+            return
+        path = self.state_file(directory)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the checkpoint is inside a rollout round but holds no saved round for this process")
+        s = load_safetensors(path)
+        r = self.round_of(step)
+        if int(s["round"][0]) != r:
+            raise ValueError(f"{path}: holds round {int(s['round'][0])}, but step {step} is in round {r}")
+        m = self.cfg.method
+        prompts = [self.prompts[i] for i in s["prompt_ids"].tolist()]
+        cond, uncond = self.encode(prompts)
+        slots = s["slots"]
+        traj = Trajectories(prompts, s["prompt_ids"], slots // self.group_size, slots % self.group_size, slots, cond, uncond,
+                            s["latents"], s["log_probs"], self.grid, m.guidance, m.eta)
+        self.round = Round(r, traj, s["advantages"], s["trained"], {})

@@ -1,0 +1,148 @@
+"""Online methods (`pref_grpo`, `grpo`): the policy loss and KL by hand, advantages of whole groups, `diffalign train`
+from every recipe on the tiny models, and exact resume inside and across rollout rounds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffalign.cli import main
+from diffalign.config import load_config
+from diffalign.io import load_safetensors
+from diffalign.objectives.grpo import clipped_policy_loss, gaussian_mean_kl
+from diffalign.scorers.checklist import Checklist, ChecklistScorer, Question
+from diffalign.trainers.methods import build_method
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------------------------------------ the objective
+
+
+def test_clipped_policy_loss_by_hand():
+    logp, old = torch.tensor([0.0, 0.1, -0.1]), torch.zeros(3)
+    adv, eps = torch.tensor([1.0, 1.0, -2.0]), 0.05
+    loss, metrics = clipped_policy_loss(logp, old, adv, eps)
+    # r = 1: −A; r = e^0.1 > 1.05 with A > 0: the clipped −1.05 is larger; r = e^−0.1 < 0.95 with A < 0: 2·0.95 > 2·e^−0.1
+    assert loss.tolist() == pytest.approx([-1.0, -1.05, 1.9])
+    assert metrics["clipfrac"].item() == pytest.approx(2 / 3)
+    assert metrics["ratio"].item() == pytest.approx((1 + math.exp(0.1) + math.exp(-0.1)) / 3)
+    assert metrics["approx_kl"].item() == pytest.approx(0.5 * (0.01 + 0.01) / 3)
+    logp = torch.tensor([0.1], requires_grad=True)  # the gradient stops where the clip binds
+    clipped_policy_loss(logp, torch.zeros(1), torch.ones(1), eps)[0].sum().backward()
+    assert logp.grad.item() == 0.0
+
+
+def test_gaussian_mean_kl_by_hand():
+    mean, ref = torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2)
+    assert gaussian_mean_kl(mean, ref, torch.tensor([0.5])).item() == pytest.approx((1 + 4) / 2 / (2 * 0.25))
+
+
+# ------------------------------------------------------------------------------------------------ advantages
+
+
+class _Answers:
+    def __init__(self, table):
+        self.table = torch.tensor(table)
+
+    def answer(self, images, prompts, questions):
+        return self.table[images.long().flatten()]
+
+
+def test_pref_grpo_advantages_from_question_votes_by_hand():
+    """Two groups of 3: the win-rates (votes), the group advantages (unbiased std) and the judge's mean score."""
+    checklist = Checklist("three", (Question("big", "?", "alignment", 0.6), Question("a", "?", "quality", 0.2),
+                                    Question("b", "?", "quality", 0.2)))
+    answers = [[0.9, 0.1, 0.1], [0.1, 0.9, 0.9], [0.1, 0.1, 0.1]] * 2
+    scorers = {"three": ChecklistScorer("three", checklist, _Answers(answers))}
+    cfg = load_config("toy/pref_grpo", ["method.judge=three", "method.judge_mode=votes"]).method
+    images = torch.arange(6).float().reshape(6, 1, 1, 1)  # stand-ins: the backend looks answers up by index
+    adv, metrics = build_method(cfg).advantages(scorers, images, ["p"] * 6, torch.tensor([0, 0, 0, 1, 1, 1]))
+    # votes: image 1 beats 0 (2 questions to 1) and 2; image 0 beats 2 -> WR = [½, 1, 0]: (WR − ½)/(½ + 1e-8)
+    assert adv.tolist() == pytest.approx([0.0, 1.0, -1.0, 0.0, 1.0, -1.0], abs=1e-6)
+    assert metrics["reward"].item() == pytest.approx((0.16 - 0.16 - 0.8) / 3, abs=1e-6)  # the checklist's own mean score
+    assert metrics["win_rate_std"].item() == pytest.approx(0.5)
+
+
+def test_grpo_advantages_are_group_normalised_scores():
+    checklist = Checklist("one", (Question("q", "?", "alignment", 1.0),))
+    # a = 2p − 1: scores [0, ½, 1] (mean ½, std ½) and [−1, 0, 1] (mean 0, std 1)
+    scorers = {"one": ChecklistScorer("one", checklist, _Answers([[0.5], [0.75], [1.0], [0.0], [0.5], [1.0]]))}
+    method = build_method(load_config("toy/grpo", ["method.rewards={one: 1.0}"]).method)
+    images = torch.arange(6).float().reshape(6, 1, 1, 1)
+    adv, metrics = method.advantages(scorers, images, ["p"] * 6, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert adv.tolist() == pytest.approx([-1.0, 0.0, 1.0, -1.0, 0.0, 1.0], abs=1e-6)
+    assert metrics["reward"].item() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="group 1 has 1 image"):
+        method.advantages(scorers, images[:4], ["p"] * 4, torch.tensor([0, 0, 0, 1]))
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+SMALL = ["method.group_size=4", "method.groups_per_round=2", "method.sampling_steps=4", "train.batch_size=4",
+         "train.grad_accum=1", "log.tracker=none", "log.progress=false", "train.mixed_precision=no", "train.checkpoint_every=0"]
+TINY = {"sd15": "builtin:tiny-sd15", "sdxl": "builtin:tiny-sdxl"}
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["sd15_pref_grpo", "sdxl_pref_grpo", "sd15_grpo", "sdxl_grpo", "toy/pref_grpo", "toy/grpo"])
+def test_online_recipe_trains_on_the_tiny_model(name, tmp_path):
+    recipe = load_config(name)
+    args = [*SMALL, "train.max_steps=2", f"train.output_dir={tmp_path / 'run'}", "data.source.prompts=toy-train",
+            "data.resolution=32", "model.gradient_checkpointing=false"]
+    if not name.startswith("toy/"):  # the tiny model of the family; the toy checklist stands in for the reward models
+        args += [f"model.pretrained={TINY[name[:4]]}", "model.vae=null", "model.vae_fp16_safe=false"]
+        args += ["method.judge=toy-checklist"] if recipe.method.name == "pref_grpo" else ["method.rewards={toy-checklist: 1.0}"]
+    cfg = load_config(name, args)
+    assert main(["train", name, *args]) == 0
+    rows = _rows(Path(cfg.train.output_dir))
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-5)  # on-policy at a round's first step; later steps drift
+    assert "reward" in rows[0] and "reward" not in rows[1]  # a round of 2 groups × 4 trajectories = 2 steps of 4
+    assert (Path(cfg.train.output_dir) / "final" / ("unet" if cfg.model.finetune == "full" else "pytorch_lora_weights.safetensors")).exists()
+
+
+def _train(out: Path, steps: int, *extra: str) -> Path:
+    assert main(["train", "toy/pref_grpo", *SMALL, f"train.max_steps={steps}", f"train.output_dir={out}", *extra]) == 0
+    return out
+
+
+def test_resume_inside_and_across_rounds_is_exact(tmp_path):
+    """2 steps per round: stop inside round 0 (step 1), then inside round 1 (step 3), then finish at step 4."""
+    straight = _train(tmp_path / "straight", 4)
+    split = tmp_path / "split"
+    for steps in (1, 3, 4):
+        _train(split, steps, "train.resume=latest")
+    assert (split / "checkpoints" / "step-00000003" / "rollout-rank0.safetensors").is_file()  # a round in progress
+    assert not (split / "checkpoints" / "step-00000004" / "rollout-rank0.safetensors").exists()  # a round boundary: nothing
+    a = load_safetensors(straight / "checkpoints" / "step-00000004" / "trainable.safetensors")
+    b = load_safetensors(split / "checkpoints" / "step-00000004" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _rows(straight)] == [r["loss"] for r in _rows(split)]
+
+
+def test_dry_run_times_a_rollout_round(capsys):
+    assert main(["train", "toy/pref_grpo", *SMALL, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "cache            none: an online method" in out
+    assert "rollout round    " in out and "for 8 trajectories (4 steps, G = 4), over 2 optimizer steps" in out
+
+
+def test_online_settings_that_cannot_work_are_refused(tmp_path, capsys):
+    base = ["train", "toy/pref_grpo", f"train.output_dir={tmp_path / 'r'}"]
+    assert main([*base, "method.groups_per_round=3", "train.batch_size=5"]) == 2
+    assert "must divide" in capsys.readouterr().err
+    assert main([*base, "model.lora.dropout=0.1"]) == 2
+    assert "model.lora.dropout = 0" in capsys.readouterr().err
+    assert main(["train", "toy/dpo", f"train.output_dir={tmp_path / 'd'}", "data.source={kind: prompts, prompts: toy-train}"]) == 2
+    assert "'prompts' is for online methods" in capsys.readouterr().err
+    assert main([*base, "data.source.prompts=toy-held-out"]) == 2
+    assert "held-out" in capsys.readouterr().err

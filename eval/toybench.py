@@ -168,8 +168,19 @@ def data_key(cfg: Config) -> str:
     dumped = cfg.model_dump(mode="json")
     data = {k: v for k, v in dumped["data"].items() if k != "cache_dir"}
     model = {k: v for k, v in dumped["model"].items() if k not in _TRAINING_ONLY_MODEL_FIELDS}
+    if is_online(cfg):  # no cache: the prompts and the model that samples them
+        from diffalign.data.identity import weights_digest
+        from diffalign.data.sources.prompts import training_prompts
+
+        return _digest({"data": data, "model": model, "prompts": training_prompts(cfg.data.source),
+                        "weights": weights_digest(cfg.model, generation=True)})
     return _digest({"data": data, "model": model, "encode_dtype": str(vae_encode_dtype(cfg.model, cfg.train.mixed_precision)),
                     "identity": expected_identity(cfg, None)})
+
+
+def is_online(cfg: Config) -> bool:
+    """An online method's config: it samples its own images for a prompt list (no latent cache to build)."""
+    return cfg.data.source.kind == "prompts"
 
 
 def numerics() -> dict[str, str | int | None]:
@@ -463,7 +474,8 @@ def _prepare_data(configs: dict[str, Config], settings: BenchSettings, progress:
     for name, cfg in configs.items():
         key = Path(cfg.data.cache_dir).name
         if key not in data:
-            data[key] = {"dir": cfg.data.cache_dir, "reused": ensure_data(cfg, settings.fresh, progress), "methods": []}
+            reused = None if is_online(cfg) else ensure_data(cfg, settings.fresh, progress)  # online: prompts only, nothing to build
+            data[key] = {"dir": cfg.data.cache_dir, "reused": reused, "methods": []}
         data[key]["methods"].append(name)
     return data
 

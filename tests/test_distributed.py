@@ -54,3 +54,28 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, demo
     # the per-rank RNG states were both saved into the committed checkpoint
     names = {p.name for p in (tmp_path / "two" / "checkpoints" / "step-00000001").iterdir()}
     assert {"rng-rank0.pt", "rng-rank1.pt"} <= names
+
+
+def test_an_online_group_split_over_two_processes_is_judged_as_one_group(tmp_path):
+    """Pref-GRPO with one group of 4 images per round: 2 processes sample 2 images each; the group is gathered and judged
+    whole, so the rewards, the advantages and the step equal the single process's (the public code judges each share)."""
+    common = ["method.group_size=4", "method.groups_per_round=1", "method.sampling_steps=4", "train.grad_accum=1",
+              "train.max_steps=1", "log.tracker=none", "log.progress=false", "optim.lr=1e-3", "optim.eps=1e-4"]
+    one = run_cli("train", "toy/pref_grpo", *common, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "-m", "diffalign", "train", "toy/pref_grpo", *common, "train.batch_size=2", f"train.output_dir={tmp_path / 'two'}",
+    ]
+    two = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    row_one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
+    row_two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row_two["win_rate_std"] == row_one["win_rate_std"] and row_two["reward"] == pytest.approx(row_one["reward"], abs=1e-6)
+    assert row_two["grad_norm"] == pytest.approx(row_one["grad_norm"], rel=1e-4)
+    a = load_safetensors(tmp_path / "one" / "checkpoints" / "step-00000001" / "trainable.safetensors")
+    b = load_safetensors(tmp_path / "two" / "checkpoints" / "step-00000001" / "trainable.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)

@@ -42,6 +42,18 @@ def test_gaussian_mean_kl_by_hand():
     assert gaussian_mean_kl(mean, ref, torch.tensor([0.5])).item() == pytest.approx((1 + 4) / 2 / (2 * 0.25))
 
 
+def test_listmle_by_hand():
+    from diffalign.objectives.dense import dense_online_logits, listmle_loss
+
+    pair = torch.tensor([[0.7, -0.2]])
+    assert listmle_loss(pair).item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.9))))  # −log σ(ℓ_w − ℓ_l)
+    a, b, c = 1.0, 0.5, -1.0  # Plackett–Luce: P(a, b, c) = e^a/(e^a+e^b+e^c) · e^b/(e^b+e^c)
+    p = math.exp(a) / (math.exp(a) + math.exp(b) + math.exp(c)) * math.exp(b) / (math.exp(b) + math.exp(c))
+    assert listmle_loss(torch.tensor([[a, b, c]])).item() == pytest.approx(-math.log(p))
+    ratios = torch.tensor([[3e-4, -1e-5, 5e-5]])  # clamped to ±1e-4, averaged over K = 3, times τ = 10
+    assert dense_online_logits(ratios, 1e-4, 10.0).item() == pytest.approx(10 * (1e-4 - 1e-5 + 5e-5) / 3)
+
+
 # ------------------------------------------------------------------------------------------------ advantages
 
 
@@ -92,7 +104,8 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", ["sd15_pref_grpo", "sdxl_pref_grpo", "sd15_grpo", "sdxl_grpo", "toy/pref_grpo", "toy/grpo"])
+@pytest.mark.parametrize("name", ["sd15_pref_grpo", "sdxl_pref_grpo", "sd15_grpo", "sdxl_grpo", "sd15_dense_online", "toy/pref_grpo",
+                                  "toy/grpo", "toy/dense_online"])
 def test_online_recipe_trains_on_the_tiny_model(name, tmp_path):
     recipe = load_config(name)
     args = [*SMALL, "train.max_steps=2", f"train.output_dir={tmp_path / 'run'}", "data.source.prompts=toy-train",
@@ -100,12 +113,17 @@ def test_online_recipe_trains_on_the_tiny_model(name, tmp_path):
     if not name.startswith("toy/"):  # the tiny model of the family; the toy checklist stands in for the reward models
         args += [f"model.pretrained={TINY[name[:4]]}", "model.vae=null", "model.vae_fp16_safe=false"]
         args += ["method.judge=toy-checklist"] if recipe.method.name == "pref_grpo" else ["method.rewards={toy-checklist: 1.0}"]
+    if recipe.method.name == "dense_online":  # 2 prompts x 4 rollouts, 2 kept; 2 updates per collection
+        args += ["method.keep=2", "method.groups_per_round=2", "method.updates_per_round=2", "train.batch_size=2", "model.lora.rank=4"]
     cfg = load_config(name, args)
     assert main(["train", name, *args]) == 0
     rows = _rows(Path(cfg.train.output_dir))
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows)
-    assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-5)  # on-policy at a round's first step; later steps drift
+    if recipe.method.name == "dense_online":  # at the start the policy is the initial model: every log-ratio is 0, ℓ = 0
+        assert rows[0]["logit_gap"] == pytest.approx(0.0, abs=1e-6) and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    else:
+        assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-5)  # on-policy at a round's first step; later steps drift
     assert "reward" in rows[0] and "reward" not in rows[1]  # a round of 2 groups × 4 trajectories = 2 steps of 4
     assert (Path(cfg.train.output_dir) / "final" / ("unet" if cfg.model.finetune == "full" else "pytorch_lora_weights.safetensors")).exists()
 
@@ -146,3 +164,19 @@ def test_online_settings_that_cannot_work_are_refused(tmp_path, capsys):
     assert "'prompts' is for online methods" in capsys.readouterr().err
     assert main([*base, "data.source.prompts=toy-held-out"]) == 2
     assert "held-out" in capsys.readouterr().err
+
+
+def test_dense_online_keeps_trajectories_evenly_spread_in_reward_rank():
+    method = build_method(load_config("toy/dense_online").method)  # G = 8, keep 4
+    values = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4] + [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    kept = method.plan(_Rows(16), values, 0, 0)["kept"]  # two groups of 8 trajectories
+    # sorted best first: group 0 -> rows 1, 6, 4, 2, 7, 3, 5, 0; ranks linspace(0, 7, 4).round() = 0, 2, 5, 7
+    assert kept.tolist() == [[1, 4, 3, 0], [15, 13, 10, 8]]
+
+
+class _Rows:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n

@@ -326,6 +326,8 @@ NOT_OFFICIAL = {
     "sdxl_grpo": "reconstructed",
     "toy/pref_grpo": "toy",
     "toy/grpo": "toy",
+    "sd15_dense_online": "reconstructed",  # the official multi-prompt values; the batch split is ours
+    "toy/dense_online": "toy",
     "toy_eval_heldout": "toy",
 }
 _RECIPE = re.compile(r"^# Recipe: (official|reconstructed|toy)\b", re.M)

@@ -214,23 +214,34 @@ class DenseMethod(PairwiseLabel):
     )
 
 
-class GroupRollouts(Section):
-    """Online sampling and the clipped-ratio policy loss shared by the GRPO family (`pref_grpo`, `grpo`). Defaults are the
-    SD-side GRPO code's (DDPO `kvablack/ddpo-pytorch` config/base.py; DanceGRPO `fastvideo/train_grpo_sd.py` and
-    config_sd), transferred to Pref-GRPO, whose own runs are on FLUX (research/npo_grpo.md §3-4)."""
+class Rollouts(Section):
+    """How an online method samples: groups of images per prompt, rolled out from the policy with DDIM (η > 0) and
+    classifier-free guidance, in rounds (`diffalign.trainers.online`)."""
 
-    group_size: int = Field(16, ge=2, description="G, images per prompt (DanceGRPO SD num_generations 16; Pref-GRPO FLUX 8).")
+    group_size: int = Field(16, ge=2, description="G, images sampled per prompt (DanceGRPO SD num_generations 16; Pref-GRPO FLUX 8).")
     groups_per_round: int = Field(
-        4,
-        ge=1,
-        description="Prompts (groups) sampled per rollout round, over all processes; the round's G·groups trajectories are then "
-        "trained in optimizer steps of train.batch_size × grad_accum × processes trajectories (must divide it), so later steps "
-        "of a round are off-policy and the ratio clip matters.",
+        4, ge=1,
+        description="Prompts (groups) sampled per rollout round, over all processes; the round is then trained for the method's "
+        "number of optimizer steps, so later steps of a round are off-policy.",
     )
     sampling_steps: int = Field(50, ge=2, description="DDIM steps of a rollout (DDPO and DanceGRPO SD: 50).")
     eta: float = Field(1.0, gt=0, description="DDIM η of the rollout policy (DDPO, DanceGRPO SD: 1.0, DDPM-like); > 0 for a log-prob.")
     guidance: float = Field(5.0, ge=1, description="CFG scale during rollouts and training, both branches from the policy (DDPO, DanceGRPO SD: 5.0).")
     same_noise: bool = Field(True, description="The G images of a group start from one initial noise (DanceGRPO; Pref-GRPO --init_same_noise).")
+    scorer_options: dict[str, dict] = Field(
+        default_factory=dict,
+        description="Options per reward scorer, e.g. {pickscore: {path: /models/PickScore_v1}}; weight files left out are looked "
+        "up in $DIFFALIGN_WEIGHTS under their release names (docs/scorers.md).",
+    )
+
+
+class GroupRollouts(Rollouts):
+    """Online sampling and the clipped-ratio policy loss shared by the GRPO family (`pref_grpo`, `grpo`). Defaults are the
+    SD-side GRPO code's (DDPO `kvablack/ddpo-pytorch` config/base.py; DanceGRPO `fastvideo/train_grpo_sd.py` and
+    config_sd), transferred to Pref-GRPO, whose own runs are on FLUX (research/npo_grpo.md §3-4). A round's trajectories
+    are trained once each, in optimizer steps of train.batch_size × grad_accum × processes trajectories (which must
+    divide the round)."""
+
     timestep_fraction: float = Field(
         1.0, gt=0, le=1,
         description="Share of each trajectory's trainable steps trained, a random subset per trajectory (DanceGRPO SD: all; "
@@ -245,11 +256,38 @@ class GroupRollouts(Section):
         "Flow-GRPO 0.01-0.04); > 0 builds the reference (LoRA: adapters off).",
     )
     detach_uncond: bool = Field(False, description="No gradient through the unconditional branch (Flow-GRPO); false as DDPO / DanceGRPO SD.")
-    scorer_options: dict[str, dict] = Field(
-        default_factory=dict,
-        description="Options per reward scorer, e.g. {pickscore: {path: /models/PickScore_v1}}; weight files left out are looked "
-        "up in $DIFFALIGN_WEIGHTS under their release names (docs/scorers.md).",
+
+
+class DenseOnlineMethod(Rollouts):
+    name: Literal["dense_online"] = Field(
+        "dense_online",
+        description="Method tag: dense-reward temporal discounting in its official online form (Yang et al., ICML 2024, "
+        "arXiv:2402.08265; yinan-yang/Dense-Reward-T2I): ListMLE over reward-ordered trajectories of the discounted, clipped "
+        "per-step log-ratio to the initial model.",
     )
+    group_size: int = Field(5, ge=2, description="Rollouts per prompt (official single-prompt 5; multi-prompt 12, keeping 5).")
+    groups_per_round: int = Field(1000, ge=1, description="Prompts per collection = the replay buffer, refreshed whole (official 1000 / 2000).")
+    guidance: float = Field(7.5, ge=1, description="CFG scale of rollouts and of the trained log-probs (official 7.5).")
+    same_noise: bool = Field(False, description="The official rollouts of a prompt start from independent noises.")
+    keep: int = Field(5, ge=2, description="Trajectories kept per prompt, evenly spaced in reward rank (official num_traj_for_pref_comp 5).")
+    tuple_size: int = Field(2, ge=2, description="M, trajectories per ListMLE tuple, ordered by reward (official pl_loss_num_traj 2).")
+    steps_per_tuple: int = Field(3, ge=1, description="K, steps drawn ∝ γ^k per tuple, with replacement (official single 3, multi 1).")
+    gamma: float = Field(0.9, gt=0, le=1, description="γ, the discount: step k of the chain (k = 0 the noisiest) is drawn ∝ γ^k (official 0.9).")
+    temperature: float = Field(10.0, gt=0, description="τ_PL, the logit scale (official single 10, multi 12.5).")
+    log_ratio_clip: float = Field(1e-4, gt=0, description="c: each per-step log-ratio clamped to ±c (official single 1e-4, multi 5e-4).")
+    updates_per_round: int = Field(2500, ge=1, description="Optimizer steps per collection (official p_step: single 2500, multi 4000).")
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"imagereward": 1.0}, description="Scorer -> weight; trajectories are ranked by the weighted sum "
+        "(official single-prompt: ImageReward; multi-prompt: HPSv2)."
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.keep > self.group_size:
+            raise ValueError(f"method.keep ({self.keep}) cannot exceed method.group_size ({self.group_size})")
+        if self.tuple_size > self.keep:
+            raise ValueError(f"method.tuple_size ({self.tuple_size}) cannot exceed method.keep ({self.keep})")
+        return self
 
 
 class PrefGRPOMethod(GroupRollouts):
@@ -312,6 +350,7 @@ METHOD_CONFIGS: dict[str, type[Section]] = {
     "self_npo": SelfNPOMethod,
     "pref_grpo": PrefGRPOMethod,
     "grpo": GRPOMethod,
+    "dense_online": DenseOnlineMethod,
 }
 
 

@@ -3,7 +3,14 @@
 Each module documents its paper's equation and the official code's convention.
 """
 
-from diffalign.objectives.dense import dense_dpo_loss, dense_logit_weight, discounted_timestep_probs, step_index
+from diffalign.objectives.dense import (
+    dense_dpo_loss,
+    dense_logit_weight,
+    dense_online_logits,
+    discounted_timestep_probs,
+    listmle_loss,
+    step_index,
+)
 from diffalign.objectives.dpo import LOGIT_LIMIT, DPOLoss, dpo_logits, dpo_loss, effective_label, pairwise_loss
 from diffalign.objectives.grpo import clipped_policy_loss, gaussian_mean_kl
 from diffalign.objectives.rankdpo import RankDPOLoss, rank_positions, rankdpo_loss, rankdpo_pair_weights
@@ -22,6 +29,8 @@ __all__ = [
     "gaussian_mean_kl",
     "dense_dpo_loss",
     "dense_logit_weight",
+    "dense_online_logits",
+    "listmle_loss",
     "step_index",
     "discounted_timestep_probs",
     "dpo_logits",

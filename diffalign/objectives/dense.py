@@ -125,3 +125,21 @@ def discounted_timestep_probs(gamma: float, num_steps: int = 50, num_train_times
     per_step = per_step / per_step.sum()
     counts = torch.bincount(k, minlength=num_steps).to(torch.float64)
     return per_step[k] / counts[k]
+
+
+def listmle_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ListMLE (Xia et al. 2008) of lists whose items are ordered best first, (B, M) -> (B,): the negative log-likelihood
+    of that order under Plackett–Luce,
+
+        L = −Σ_{i=1}^{M} [ ℓ_i − log Σ_{j≥i} exp ℓ_j ],
+
+    the loss of the official online dense-reward code (allRank's `listMLE` after sorting by reward). For M = 2 it is
+    −log σ(ℓ_1 − ℓ_2), the DPO form."""
+    tail = torch.logcumsumexp(logits.flip(-1), dim=-1).flip(-1)  # log Σ_{j≥i} exp ℓ_j
+    return (tail - logits).sum(-1)
+
+
+def dense_online_logits(log_ratio: torch.Tensor, clip: float, temperature: float) -> torch.Tensor:
+    """ℓ = τ · mean_k clamp(log π_θ − log π_I, ±c) over a trajectory's K drawn steps, (..., K) -> (...). The clamp is hard
+    (no gradient outside ±c: an implicit trust region), as the official code's."""
+    return temperature * log_ratio.clamp(-clip, clip).mean(-1)

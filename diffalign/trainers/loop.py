@@ -288,17 +288,17 @@ class PreferenceTrainer:
     def online_micro_steps(self) -> tuple[dict[str, torch.Tensor], str | None, dict]:
         """An online step's backwards: per micro-batch of trajectories, one per trained step (`trainers.online`).
         Returns the averaged metrics, why the step is skipped (if it is) and the round's metrics (at its first step)."""
-        acc, accum = self.accelerator, self.cfg.train.grad_accum
+        acc = self.accelerator
         micro_batches, round_metrics = self.feed.step_batches(self.models, self.step)  # rollouts in train mode too (no dropout)
         sums: dict[str, torch.Tensor] = {}
-        divisor = accum * self.feed.steps_per_trajectory
+        divisor = sum(len(batches) for batches in micro_batches)  # one backward per batch: the step's mean loss
         for micro, batches in enumerate(micro_batches):
             for j, batch in enumerate(batches):
-                last = micro == accum - 1 and j == len(batches) - 1
-                draws = Draws(self.cfg.train.seed, self.step, batch.traj.slots[batch.rows].tolist(), batch.traj.prompt_ids[batch.rows].tolist())
+                last = micro == len(micro_batches) - 1 and j == len(batches) - 1
+                draws = Draws(self.cfg.train.seed, self.step, *batch.draws_key)
                 with contextlib.nullcontext() if last else acc.no_sync(self.unet):
                     metrics, skip = self._backward(lambda: self.method.loss(self.models, batch, draws), divisor,
-                                                   f"micro-batch {micro}, trained step {j}, slots {draws.slots}")
+                                                   f"micro-batch {micro}, batch {j}, slots {draws.slots}")
                 if skip is not None:
                     return sums, skip, round_metrics
                 for k, v in metrics.items():

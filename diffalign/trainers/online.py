@@ -5,15 +5,14 @@ j // G). Group q of the run (q = round · groups_per_round + g) takes prompt `or
 permutation of the P prompts, a new one every P groups (an epoch). Each process samples a contiguous share of the
 round's slots (`rollout.sample_trajectories`), decodes its images, and the images of every process are gathered, so
 each group is judged as one group wherever its images were sampled and every process computes the same advantages
-(the public Pref-GRPO code judges each GPU's share alone). The round's trajectories are then trained in
-`steps_per_round` optimizer steps of `train.batch_size × grad_accum` trajectories per process; within a step, each
-micro-batch of trajectories is trained at each of its chosen steps in turn, one backward per (micro-batch, step)
-with the loss divided by grad_accum × steps per trajectory (Pref-GRPO's normalisation). Each trajectory trains
-`timestep_fraction` of its stochastic steps (the last one left out with `ignore_last`), a counter-based random subset.
+(the public Pref-GRPO code judges each GPU's share alone). The method then says how the round
+is trained: how many optimizer steps it lasts (`steps_per_round`), what it plans once per round (`plan`: e.g. the
+steps each trajectory trains) and which transition batches each optimizer step backpropagates (`batches`: one
+backward each, the loss divided by their number).
 
 A checkpoint inside a round saves this process's share of it (``rollout-rank<p>.safetensors``: latents, old
-log-probs, advantages, chosen steps), since the policy that sampled it is gone; a checkpoint at a round boundary
-needs nothing, the next round being drawn from the saved weights with the same keys.
+log-probs, the method's per-trajectory values and plan), since the policy that sampled it is gone; a checkpoint at a
+round boundary needs nothing, the next round being drawn from the saved weights with the same keys.
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ from pathlib import Path
 import torch
 
 from diffalign.models.loading import encode_prompts
-from diffalign.randomness import epoch_permutation, item_generator
+from diffalign.randomness import epoch_permutation
 from diffalign.trainers.batch import Cond
-from diffalign.trainers.methods.grpo import TransitionBatch
 from diffalign.trainers.rollout import SamplingGrid, Trajectories, decode, rollout_noise, sample_trajectories
 
 
@@ -40,8 +38,8 @@ class Round:
 
     index: int
     traj: Trajectories
-    advantages: torch.Tensor  # (n,)
-    trained: torch.Tensor  # (n, J) long: the steps each trajectory trains, in order
+    values: torch.Tensor  # (n,): what the method computed per trajectory from the rewards (GRPO: the advantage)
+    plan: dict[str, torch.Tensor]  # what the method decided once per round (GRPO: each trajectory's trained steps)
     metrics: dict
 
 
@@ -53,21 +51,14 @@ class OnlineFeed:
         self.round_size = m.groups_per_round * m.group_size
         procs = accelerator.num_processes
         per_step = t.batch_size * t.grad_accum * procs
-        if self.round_size % per_step:
-            raise OnlineSetupError(
-                f"a rollout round holds method.groups_per_round × method.group_size = {self.round_size} trajectories, which the "
-                f"{per_step} trajectories of an optimizer step (train.batch_size {t.batch_size} × grad_accum {t.grad_accum} × "
-                f"{procs} processes) must divide")
-        self.steps_per_round = self.round_size // per_step
         self.local = self.round_size // procs
+        if self.round_size % procs:
+            raise OnlineSetupError(f"a rollout round of {self.round_size} trajectories does not split over {procs} processes")
         self.grid = SamplingGrid.from_scheduler(components.scheduler, m.sampling_steps)
-        trainable = self.grid.stochastic(m.eta).clone()
-        if m.ignore_last:
-            trainable[-1] = False
-        self.trainable_steps = torch.nonzero(trainable).flatten()
-        if len(self.trainable_steps) == 0:
-            raise OnlineSetupError("no trainable rollout step: method.sampling_steps must be at least 2 (3 with ignore_last)")
-        self.steps_per_trajectory = max(1, int(len(self.trainable_steps) * m.timestep_fraction))
+        try:
+            self.steps_per_round = method.steps_per_round(self.round_size, per_step, self.local)
+        except ValueError as e:
+            raise OnlineSetupError(str(e)) from None
         res = cfg.data.resolution
         factor = components.vae_scale_factor
         if res % factor:
@@ -118,37 +109,24 @@ class OnlineFeed:
         images = decode(self.components.vae, latents[:, -1], self.components.vae.config.scaling_factor)
         everyone = self.acc.gather(images.to(self.acc.device)).cpu() if self.acc.num_processes > 1 else images
         groups = torch.arange(self.round_size) // self.group_size
-        advantages, metrics = self.method.advantages(self.scorers, everyone, [self.prompts[i] for i in ids], groups)
+        values, metrics = self.method.advantages(self.scorers, everyone, [self.prompts[i] for i in ids], groups)
         slot_tensor = torch.tensor(slots)
         traj = Trajectories(prompts, torch.tensor(mine), slot_tensor // self.group_size, slot_tensor % self.group_size, slot_tensor,
                             cond, uncond, latents, log_probs, self.grid, m.guidance, m.eta, images=images)
-        return Round(r, traj, advantages[slot_tensor].float(), self.trained_steps(r, slots, mine), metrics)
-
-    def trained_steps(self, r: int, slots: list[int], prompt_ids: list[int]) -> torch.Tensor:
-        """(n, J): each trajectory's trained steps, a counter-based random subset of the trainable ones."""
-        rows = []
-        for slot, pid in zip(slots, prompt_ids):
-            perm = torch.randperm(len(self.trainable_steps), generator=item_generator(self.cfg.train.seed, r, slot, pid, "trained_steps"))
-            rows.append(self.trainable_steps[perm[: self.steps_per_trajectory]])
-        return torch.stack(rows)
+        values = values[slot_tensor].float()
+        return Round(r, traj, values, self.method.plan(traj, values, r, self.cfg.train.seed), metrics)
 
     # ------------------------------------------------------------------------------------- one step
 
     def step_batches(self, models, step: int):
-        """The round for `step` (sampled at the round's first step) and, per micro-batch, its transition batches: a list
-        of grad_accum lists of J `TransitionBatch`es. Also returns the round's metrics at its first step."""
+        """The method's transition batches for `step` (one backward each), sampling the round at its first step; and
+        the round's metrics at that step."""
         r = self.round_of(step)
         fresh = self.round is None or self.round.index != r
         if fresh:
             self.round = self.collect(models, r)
-        b, accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
-        start = (step % self.steps_per_round) * b * accum
-        micro = []
-        for a in range(accum):
-            rows = torch.arange(start + a * b, start + (a + 1) * b)
-            micro.append([TransitionBatch(self.round.traj, rows, self.round.trained[rows, j], self.round.advantages[rows])
-                          for j in range(self.steps_per_trajectory)])
-        return micro, (self.round.metrics if fresh else {})
+        batches = self.method.batches(self.round, step % self.steps_per_round, step, self.cfg.train)
+        return batches, (self.round.metrics if fresh else {})
 
     # ----------------------------------------------------------------------------------- checkpoints
 
@@ -163,8 +141,8 @@ class OnlineFeed:
             return
         rd = self.round
         save_safetensors(self.state_file(directory), {
-            "round": torch.tensor([rd.index]), "latents": rd.traj.latents, "log_probs": rd.traj.log_probs,
-            "advantages": rd.advantages, "trained": rd.trained, "prompt_ids": rd.traj.prompt_ids, "slots": rd.traj.slots})
+            "round": torch.tensor([rd.index]), "latents": rd.traj.latents, "log_probs": rd.traj.log_probs, "values": rd.values,
+            "prompt_ids": rd.traj.prompt_ids, "slots": rd.traj.slots, **{f"plan.{k}": v for k, v in rd.plan.items()}})
 
     def load(self, directory: Path, step: int) -> None:
         """Restore the round in progress at `step` (written by `save`); a round boundary needs nothing."""
@@ -185,4 +163,5 @@ class OnlineFeed:
         slots = s["slots"]
         traj = Trajectories(prompts, s["prompt_ids"], slots // self.group_size, slots % self.group_size, slots, cond, uncond,
                             s["latents"], s["log_probs"], self.grid, m.guidance, m.eta)
-        self.round = Round(r, traj, s["advantages"], s["trained"], {})
+        plan = {k.removeprefix("plan."): v for k, v in s.items() if k.startswith("plan.")}
+        self.round = Round(r, traj, s["values"], plan, {})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from diffalign.trainers.methods.base import Method, Metrics, Needs, OnlineMethod
 from diffalign.trainers.methods.dense import Dense
+from diffalign.trainers.methods.dense_online import DenseOnline
 from diffalign.trainers.methods.dpo import DPO
 from diffalign.trainers.methods.grpo import GRPO
 from diffalign.trainers.methods.inpo import InPO
@@ -29,6 +30,7 @@ METHODS: dict[str, type] = {
     "self_npo": SelfNPO,
     "pref_grpo": PrefGRPO,
     "grpo": GRPO,
+    "dense_online": DenseOnline,
 }
 
 

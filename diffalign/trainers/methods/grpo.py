@@ -2,8 +2,12 @@
 
 An online method (`Needs.feed == 'prompts'`): the loop samples rollout rounds (`diffalign.trainers.online`), asks the
 method for each image's advantage (`advantages`, over whole groups, wherever their images were sampled), then trains
-each trajectory's chosen steps with `loss` (`diffalign.objectives.grpo`: the clipped ratio, plus the optional
-closed-form KL to the reference). `grpo` scores every image with pointwise scorers: per scorer, group-normalised
+the round in optimizer steps of `train.batch_size × grad_accum` trajectories per process (`steps_per_round`). Each
+trajectory trains `timestep_fraction` of its stochastic steps (the last one left out with `ignore_last`), a
+counter-based random subset chosen once per round (`plan`); within a step each micro-batch of trajectories is trained
+at each of its chosen steps in turn, one backward per (micro-batch, step), the loss divided by grad_accum × steps per
+trajectory (Pref-GRPO's normalisation). `loss` is `diffalign.objectives.grpo`: the clipped ratio, plus the optional
+closed-form KL to the reference. `grpo` scores every image with pointwise scorers: per scorer, group-normalised
 advantages (std + 1e-8, unbiased, clipped ±5) weighted and summed (Pref-GRPO's reward dispatcher), or the weighted sum
 of raw scores normalised once (``combine: sum``, DanceGRPO's single reward).
 """
@@ -17,6 +21,7 @@ import torch
 
 from diffalign.config.methods import GroupRollouts, GRPOMethod
 from diffalign.objectives.grpo import clipped_policy_loss, gaussian_mean_kl
+from diffalign.randomness import item_generator
 from diffalign.rewards import group_advantages, weighted_advantages
 from diffalign.trainers.methods.base import Needs
 from diffalign.trainers.rollout import Trajectories, transition
@@ -30,6 +35,11 @@ class TransitionBatch:
     rows: torch.Tensor  # (B,) long
     steps: torch.Tensor  # (B,) long
     advantages: torch.Tensor  # (B,)
+
+    @property
+    def draws_key(self) -> tuple[list[int], list[int]]:
+        """(slots, prompt ids) of the rows: what keys a method's draws for them."""
+        return self.traj.slots[self.rows].tolist(), self.traj.prompt_ids[self.rows].tolist()
 
     @property
     def old_log_probs(self) -> torch.Tensor:
@@ -47,6 +57,42 @@ class GroupPolicyGradient:
 
     def scorer_names(self) -> list[str]:
         raise NotImplementedError
+
+    def steps_per_round(self, round_size: int, per_step: int, local: int) -> int:
+        """Optimizer steps that train one round: its trajectories once each, `per_step` per step."""
+        if round_size % per_step:
+            raise ValueError(f"a rollout round holds method.groups_per_round × method.group_size = {round_size} trajectories, which the "
+                             f"{per_step} trajectories of an optimizer step (train.batch_size × grad_accum × processes) must divide")
+        return round_size // per_step
+
+    def trainable_steps(self, traj: Trajectories) -> torch.Tensor:
+        """The steps a trajectory may train: the stochastic ones, the last left out with `ignore_last`."""
+        trainable = traj.grid.stochastic(self.cfg.eta).clone()
+        if self.cfg.ignore_last:
+            trainable[-1] = False
+        steps = torch.nonzero(trainable).flatten()
+        if len(steps) == 0:
+            raise ValueError("no trainable rollout step: method.sampling_steps must be at least 2 (3 with ignore_last)")
+        return steps
+
+    def plan(self, traj: Trajectories, values: torch.Tensor, r: int, seed: int) -> dict[str, torch.Tensor]:
+        """Each trajectory's trained steps for round r, (n, J): a counter-based random subset of the trainable steps."""
+        steps = self.trainable_steps(traj)
+        j = max(1, int(len(steps) * self.cfg.timestep_fraction))
+        rows = [steps[torch.randperm(len(steps), generator=item_generator(seed, r, int(slot), int(pid), "trained_steps"))[:j]]
+                for slot, pid in zip(traj.slots, traj.prompt_ids)]
+        return {"trained": torch.stack(rows)}
+
+    def batches(self, rd, in_round: int, step: int, train) -> list[list[TransitionBatch]]:
+        """Per micro-batch of this step's trajectories, one `TransitionBatch` per trained step."""
+        b, accum = train.batch_size, train.grad_accum
+        start = in_round * b * accum
+        trained = rd.plan["trained"]
+        out = []
+        for a in range(accum):
+            rows = torch.arange(start + a * b, start + (a + 1) * b)
+            out.append([TransitionBatch(rd.traj, rows, trained[rows, j], rd.values[rows]) for j in range(trained.shape[1])])
+        return out
 
     def advantages(self, scorers: dict, images: torch.Tensor, prompts: list[str], groups: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(advantage per image (N,), metrics) for N images in whole groups; `groups` holds each image's group id."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 STREAMS = ("timestep", "noise", "latent", "caption_dropout", "flip", "inversion", "image_noise", "discounted_timestep", "self_npo",
-           "rollout_init", "rollout_noise", "trained_steps", "dense_tuples")
+           "rollout_init", "rollout_noise", "trained_steps", "dense_tuples", "tailorpo_children", "tailorpo_continuation")
 _MASK63 = (1 << 63) - 1
 
 

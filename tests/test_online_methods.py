@@ -104,24 +104,27 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", ["sd15_pref_grpo", "sdxl_pref_grpo", "sd15_grpo", "sdxl_grpo", "sd15_dense_online", "toy/pref_grpo",
-                                  "toy/grpo", "toy/dense_online"])
+@pytest.mark.parametrize("name", ["sd15_pref_grpo", "sdxl_pref_grpo", "sd15_grpo", "sdxl_grpo", "sd15_dense_online", "sd15_tailorpo",
+                                  "toy/pref_grpo", "toy/grpo", "toy/dense_online", "toy/tailorpo"])
 def test_online_recipe_trains_on_the_tiny_model(name, tmp_path):
     recipe = load_config(name)
     args = [*SMALL, "train.max_steps=2", f"train.output_dir={tmp_path / 'run'}", "data.source.prompts=toy-train",
             "data.resolution=32", "model.gradient_checkpointing=false"]
     if not name.startswith("toy/"):  # the tiny model of the family; the toy checklist stands in for the reward models
         args += [f"model.pretrained={TINY[name[:4]]}", "model.vae=null", "model.vae_fp16_safe=false"]
-        args += ["method.judge=toy-checklist"] if recipe.method.name == "pref_grpo" else ["method.rewards={toy-checklist: 1.0}"]
+        args += {"pref_grpo": ["method.judge=toy-checklist"], "tailorpo": ["method.reward=toy-checklist"]}.get(
+            recipe.method.name, ["method.rewards={toy-checklist: 1.0}"])
     if recipe.method.name == "dense_online":  # 2 prompts x 4 rollouts, 2 kept; 2 updates per collection
         args += ["method.keep=2", "method.groups_per_round=2", "method.updates_per_round=2", "train.batch_size=2", "model.lora.rank=4"]
+    if recipe.method.name == "tailorpo":  # no groups: 8 trajectories per round = 2 steps of 4
+        args += ["method.group_size=1", "method.groups_per_round=8"]
     cfg = load_config(name, args)
     assert main(["train", name, *args]) == 0
     rows = _rows(Path(cfg.train.output_dir))
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows)
-    if recipe.method.name == "dense_online":  # at the start the policy is the initial model: every log-ratio is 0, ℓ = 0
-        assert rows[0]["logit_gap"] == pytest.approx(0.0, abs=1e-6) and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    if recipe.method.name in ("dense_online", "tailorpo"):  # at the start the policy is the initial model: log-ratios 0
+        assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     else:
         assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-5)  # on-policy at a round's first step; later steps drift
     assert "reward" in rows[0] and "reward" not in rows[1]  # a round of 2 groups × 4 trajectories = 2 steps of 4
@@ -180,3 +183,71 @@ class _Rows:
 
     def __len__(self):
         return self.n
+
+
+# ------------------------------------------------------------------------------------------------ TailorPO
+
+
+def _tailorpo(*overrides):
+    return build_method(load_config("toy/tailorpo", list(overrides)).method)
+
+
+def test_tailorpo_pair_loss_by_hand():
+    from diffalign.trainers.methods.tailorpo import ChildPairs
+
+    logp = torch.tensor([[-1.0, -1.2], [-0.5, -0.4]])  # (pairs, [winner, loser])
+    ref = torch.tensor([[-1.1, -1.1], [-0.5, -0.5]])
+    batch = ChildPairs(None, torch.arange(2), torch.zeros(2, dtype=torch.long), None, None, torch.tensor([True, False]))
+    for method, ratio in ((_tailorpo(), lambda d: d), (_tailorpo("method.ratio_clamp=0.05"),
+                                                       lambda d: torch.log(torch.exp(d).clamp(0.95, 1.05)))):
+        method._log_probs = lambda models, b, reference: ref if reference else logp
+        loss, metrics = method.loss(None, batch, None)
+        d = ratio(logp - ref)
+        z = 0.1 * (d[0, 0] - d[0, 1])  # only the kept pair counts
+        assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-z.item()))), rel=1e-6)
+        assert metrics["kept"].item() == 0.5
+    smoothed = _tailorpo("method.label_noise=conservative", "method.noise_rate=0.1")  # the shared pairwise objective
+    smoothed._log_probs = lambda models, b, reference: ref if reference else logp
+    z = 0.1 * 0.2
+    want = -(0.9 * math.log(1 / (1 + math.exp(-z))) + 0.1 * math.log(1 / (1 + math.exp(z))))
+    assert smoothed.loss(None, batch, None)[0].item() == pytest.approx(want, rel=1e-6)
+
+
+class _Brightness:
+    """A differentiable reward: the mean pixel value of a tensor image."""
+
+    order_symmetric = True
+
+    def score(self, images, prompts):
+        return {"overall": images.mean(dim=(1, 2, 3))}
+
+
+def test_tailorpo_g_pushes_the_winner_up_a_differentiable_reward(fresh_accelerate_state):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from diffalign.config import ModelConfig
+    from diffalign.models.loading import encode_prompts, load_components
+    from diffalign.toy.checklist import toy_checklist_scorer
+    from diffalign.trainers.batch import Cond
+    from diffalign.trainers.models import Models, Schedule
+    from diffalign.trainers.rollout import SamplingGrid
+
+    c = load_components(ModelConfig(pretrained="builtin:tiny-sd15"))
+    models = Models(c.unet, Accelerator(cpu=True), Schedule(c.scheduler.alphas_cumprod.float(), c.prediction_type), torch.float32,
+                    lora=False, frozen_reference=c.unet)
+    grid = SamplingGrid.from_scheduler(c.scheduler, 20)
+    prompts = ["a red circle on a white background"] * 4
+    cond, uncond = Cond(encode_prompts(c, prompts)[0]), Cond(encode_prompts(c, [""] * 4)[0])
+    feed = SimpleNamespace(grid=grid, components=c, scorers={"bright": _Brightness(), "toy-checklist": toy_checklist_scorer()})
+    method = _tailorpo("method.guidance=true", "method.reward=bright")
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t_prev = grid.prev_timesteps[4]
+    reward = method._reward(feed, models, x, t_prev, cond, uncond, prompts)
+    pushed, new, moved = method._push(feed, models, x, t_prev, cond, uncond, prompts, 4, reward)
+    assert moved.all() and (new > reward).all()  # a step up the gradient of a smooth reward raises it
+    assert torch.equal(new, method._reward(feed, models, pushed, t_prev, cond, uncond, prompts))
+    checklist = _tailorpo("method.guidance=true", "method.reward=toy-checklist")  # measured on uint8 pixels: no gradient
+    with pytest.raises(ValueError, match="differentiable reward"):
+        checklist._push(feed, models, x, t_prev, cond, uncond, prompts, 4, reward)

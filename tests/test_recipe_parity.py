@@ -328,6 +328,8 @@ NOT_OFFICIAL = {
     "toy/grpo": "toy",
     "sd15_dense_online": "reconstructed",  # the official multi-prompt values; the batch split is ours
     "toy/dense_online": "toy",
+    "sd15_tailorpo": "reconstructed",  # no public TailorPO code: the paper's values and D3PO's
+    "toy/tailorpo": "toy",
     "toy_eval_heldout": "toy",
 }
 _RECIPE = re.compile(r"^# Recipe: (official|reconstructed|toy)\b", re.M)

@@ -226,7 +226,7 @@ class Rollouts(Section):
     )
     sampling_steps: int = Field(50, ge=2, description="DDIM steps of a rollout (DDPO and DanceGRPO SD: 50).")
     eta: float = Field(1.0, gt=0, description="DDIM η of the rollout policy (DDPO, DanceGRPO SD: 1.0, DDPM-like); > 0 for a log-prob.")
-    guidance: float = Field(5.0, ge=1, description="CFG scale during rollouts and training, both branches from the policy (DDPO, DanceGRPO SD: 5.0).")
+    cfg_scale: float = Field(5.0, ge=1, description="CFG scale of rollouts and training, both branches from the policy (DDPO, DanceGRPO SD: 5.0).")
     same_noise: bool = Field(True, description="The G images of a group start from one initial noise (DanceGRPO; Pref-GRPO --init_same_noise).")
     scorer_options: dict[str, dict] = Field(
         default_factory=dict,
@@ -267,7 +267,7 @@ class DenseOnlineMethod(Rollouts):
     )
     group_size: int = Field(5, ge=2, description="Rollouts per prompt (official single-prompt 5; multi-prompt 12, keeping 5).")
     groups_per_round: int = Field(1000, ge=1, description="Prompts per collection = the replay buffer, refreshed whole (official 1000 / 2000).")
-    guidance: float = Field(7.5, ge=1, description="CFG scale of rollouts and of the trained log-probs (official 7.5).")
+    cfg_scale: float = Field(7.5, ge=1, description="CFG scale of rollouts and of the trained log-probs (official 7.5).")
     same_noise: bool = Field(False, description="The official rollouts of a prompt start from independent noises.")
     keep: int = Field(5, ge=2, description="Trajectories kept per prompt, evenly spaced in reward rank (official num_traj_for_pref_comp 5).")
     tuple_size: int = Field(2, ge=2, description="M, trajectories per ListMLE tuple, ordered by reward (official pl_loss_num_traj 2).")
@@ -339,6 +339,47 @@ class GRPOMethod(GroupRollouts):
     renormalize: bool = Field(False, description="Renormalise the mixed advantage over the batch (--apply_gdpo).")
 
 
+class TailorPOMethod(Rollouts, PairwiseLabel):
+    name: Literal["tailorpo"] = Field(
+        "tailorpo",
+        description="Method tag: TailorPO (Ren et al., arXiv:2502.01667; RECONSTRUCTED from the paper's text, no public code): at "
+        "each trained step two children of one parent, ranked by the reward of their predicted x0, trained with the DPO loss on "
+        "their step log-probs; the winner continues the chain. `guidance: true` is TailorPO-G (the winner pushed up the "
+        "reward gradient).",
+    )
+    group_size: int = Field(1, ge=1, description="Trajectories per prompt (the paper compares children of one parent, not a group).")
+    groups_per_round: int = Field(8, ge=1, description="Prompts per rollout round (ours).")
+    sampling_steps: int = Field(20, ge=2, description="DDIM steps (paper: T = 20).")
+    eta: float = Field(1.0, gt=0, description="DDIM η (paper: 1.0).")
+    cfg_scale: float = Field(5.0, ge=1, description="CFG scale (D3PO's 5.0; the paper says it follows D3PO).")
+    same_noise: bool = Field(False, description="Each trajectory its own initial noise (no groups).")
+    trained_steps: int = Field(
+        5, ge=1,
+        description="Trained steps per trajectory, evenly spaced from the first (paper: 5 of 20, t index 20, 16, 12, 8, 4 = chain "
+        "steps 0, 4, 8, 12, 16; 5 beat 3 and 10 in its ablation).",
+    )
+    children: int = Field(2, ge=2, description="Children sampled from each trained parent (paper 2; SPO 4 on SD1.5).")
+    threshold: float = Field(
+        0.0, ge=0, description="Train a pair only when its reward gap exceeds this (paper: none, 0; SPO filters on a preference gap).")
+    continuation: Literal["winner", "random"] = Field(
+        "winner", description="Which child continues the chain: the winner (paper, greedy) or a random one (SPO).")
+    x0_from: Literal["policy", "reference"] = Field(
+        "policy", description="The network whose x̂0 of each child is scored (paper: unstated; its notation suggests the policy).")
+    untrained_steps: Literal["sample", "deterministic"] = Field(
+        "sample", description="The other steps: one stochastic child (ours; the paper does not say) or deterministic DDIM.")
+    reward: str = Field("aesthetic", description="Scorer of the children's x̂0 (paper: one model per reward: aesthetic, ImageReward, "
+                        "HPSv2, PickScore).")
+    beta: float = Field(0.1, gt=0, description="β of Eq. 10, −log σ(β·[log π_θ/π_ref (w) − log π_θ/π_ref (l)]) (unstated; D3PO's 0.1).")
+    ratio_clamp: float | None = Field(
+        None, gt=0, lt=1,
+        description="Clamp each ratio π_θ/π_ref to [1−c, 1+c] before the log (SPO 0.1, D3PO 0.1); null: none (the paper has none).",
+    )
+    guidance: bool = Field(False, description="TailorPO-G (Algorithm 1, Eqs. 13-14): push the winner up the reward gradient.")
+    guidance_delta: float = Field(0.5, gt=0, description="δ of r_high = r + δ (paper 0.5).")
+    guidance_step: tuple[float, float] = Field(
+        (0.1, 0.2), description="η_t range of the push, on a cosine schedule, larger at smaller t (paper [0.1, 0.2]).")
+
+
 METHOD_CONFIGS: dict[str, type[Section]] = {
     "dpo": DPOMethod,
     "sft": SFTMethod,
@@ -351,6 +392,7 @@ METHOD_CONFIGS: dict[str, type[Section]] = {
     "pref_grpo": PrefGRPOMethod,
     "grpo": GRPOMethod,
     "dense_online": DenseOnlineMethod,
+    "tailorpo": TailorPOMethod,
 }
 
 

@@ -105,14 +105,19 @@ class OnlineFeed:
         prompts = [self.prompts[i] for i in mine]
         cond, uncond = self.encode(prompts)
         init, noise = rollout_noise(seed, r, slots, mine, self.group_size, self.grid.steps, self.latent_shape, m.same_noise)
-        latents, log_probs = sample_trajectories(models, cond, uncond, init, noise, self.grid, m.guidance, m.eta)
+        slot_tensor = torch.tensor(slots)
+        if hasattr(self.method, "sample"):  # a method with its own rollouts (TailorPO's child pairs): no group rewards
+            latents, log_probs, plan, metrics = self.method.sample(models, self, r, slots, mine, prompts, cond, uncond, init, noise)
+            traj = Trajectories(prompts, torch.tensor(mine), slot_tensor // self.group_size, slot_tensor % self.group_size,
+                                slot_tensor, cond, uncond, latents, log_probs, self.grid, m.cfg_scale, m.eta)
+            return Round(r, traj, torch.zeros(len(slots)), plan, {k: float(v) for k, v in metrics.items()})
+        latents, log_probs = sample_trajectories(models, cond, uncond, init, noise, self.grid, m.cfg_scale, m.eta)
         images = decode(self.components.vae, latents[:, -1], self.components.vae.config.scaling_factor)
         everyone = self.acc.gather(images.to(self.acc.device)).cpu() if self.acc.num_processes > 1 else images
         groups = torch.arange(self.round_size) // self.group_size
         values, metrics = self.method.advantages(self.scorers, everyone, [self.prompts[i] for i in ids], groups)
-        slot_tensor = torch.tensor(slots)
         traj = Trajectories(prompts, torch.tensor(mine), slot_tensor // self.group_size, slot_tensor % self.group_size, slot_tensor,
-                            cond, uncond, latents, log_probs, self.grid, m.guidance, m.eta, images=images)
+                            cond, uncond, latents, log_probs, self.grid, m.cfg_scale, m.eta, images=images)
         values = values[slot_tensor].float()
         return Round(r, traj, values, self.method.plan(traj, values, r, self.cfg.train.seed), metrics)
 
@@ -162,6 +167,6 @@ class OnlineFeed:
         cond, uncond = self.encode(prompts)
         slots = s["slots"]
         traj = Trajectories(prompts, s["prompt_ids"], slots // self.group_size, slots % self.group_size, slots, cond, uncond,
-                            s["latents"], s["log_probs"], self.grid, m.guidance, m.eta)
+                            s["latents"], s["log_probs"], self.grid, m.cfg_scale, m.eta)
         plan = {k.removeprefix("plan."): v for k, v in s.items() if k.startswith("plan.")}
         self.round = Round(r, traj, s["values"], plan, {})

@@ -18,6 +18,7 @@ from diffalign.trainers.methods.rankdpo import RankDPO
 from diffalign.trainers.methods.self_npo import SelfNPO
 from diffalign.trainers.methods.sft import SFT
 from diffalign.trainers.methods.smpo import SmPO
+from diffalign.trainers.methods.tailorpo import TailorPO
 
 METHODS: dict[str, type] = {
     "dpo": DPO,
@@ -31,6 +32,7 @@ METHODS: dict[str, type] = {
     "pref_grpo": PrefGRPO,
     "grpo": GRPO,
     "dense_online": DenseOnline,
+    "tailorpo": TailorPO,
 }
 
 

@@ -105,7 +105,7 @@ def _rows(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", ["sd15_pref_grpo", "sdxl_pref_grpo", "sd15_grpo", "sdxl_grpo", "sd15_dense_online", "sd15_tailorpo",
-                                  "toy/pref_grpo", "toy/grpo", "toy/dense_online", "toy/tailorpo"])
+                                  "sdxl_dense_online", "sdxl_tailorpo", "toy/pref_grpo", "toy/grpo", "toy/dense_online", "toy/tailorpo"])
 def test_online_recipe_trains_on_the_tiny_model(name, tmp_path):
     recipe = load_config(name)
     args = [*SMALL, "train.max_steps=2", f"train.output_dir={tmp_path / 'run'}", "data.source.prompts=toy-train",

@@ -329,6 +329,8 @@ NOT_OFFICIAL = {
     "sd15_dense_online": "reconstructed",  # the official multi-prompt values; the batch split is ours
     "toy/dense_online": "toy",
     "sd15_tailorpo": "reconstructed",  # no public TailorPO code: the paper's values and D3PO's
+    "sdxl_tailorpo": "reconstructed",  # the SD1.5 values transferred to SDXL
+    "sdxl_dense_online": "reconstructed",  # the official SD1.5 multi-prompt values transferred to SDXL
     "toy/tailorpo": "toy",
     "toy_eval_heldout": "toy",
 }

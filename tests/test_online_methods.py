@@ -251,3 +251,34 @@ def test_tailorpo_g_pushes_the_winner_up_a_differentiable_reward(fresh_accelerat
     checklist = _tailorpo("method.guidance=true", "method.reward=toy-checklist")  # measured on uint8 pixels: no gradient
     with pytest.raises(ValueError, match="differentiable reward"):
         checklist._push(feed, models, x, t_prev, cond, uncond, prompts, 4, reward)
+
+
+def test_grpo_lsc_combines_rewards_as_a_logical_and():
+    """Two scorers, references (0, 0): image 0 is good on both (0.5, 0.5), image 1 excellent on one and bad on the other
+    (3.5, −2): the plain sum prefers image 1 (1.5 > 1), the LSC sum image 0."""
+    class Fixed:
+        order_symmetric = True
+
+        def __init__(self, values):
+            self.values = torch.tensor(values)
+
+        def score(self, images, prompts):
+            return {"overall": self.values[images.long().flatten()]}
+
+    scorers = {"a": Fixed([0.5, 3.5]), "b": Fixed([0.5, -2.0])}
+    images, groups = torch.arange(2).float().reshape(2, 1, 1, 1), torch.zeros(2, dtype=torch.long)
+    plain = build_method(load_config("toy/grpo", ["method.rewards={a: 1.0, b: 1.0}", "method.combine=sum"]).method)
+    assert plain.advantages(scorers, images, ["p"] * 2, groups)[0][1] > 0
+    lsc = build_method(load_config("toy/grpo", ["method.rewards={a: 1.0, b: 1.0}", "method.combine=lsc"]).method)
+    assert lsc.needs.reference and lsc.needs_reference_rewards
+    ref = {"a": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+    adv, _ = lsc.advantages(scorers, images, ["p"] * 2, groups, reference=ref)
+    u = [2 * math.log(1 / (1 + math.exp(-0.5))), math.log(1 / (1 + math.exp(-3.5))) + math.log(1 / (1 + math.exp(2)))]
+    assert u[0] > u[1] and adv[0] > 0  # by hand: image 0's transformed sum is the larger
+    assert adv.tolist() == pytest.approx([1 / math.sqrt(2), -1 / math.sqrt(2)], abs=1e-6)  # two values: ±(d/2)/(|d|/√2)
+
+
+def test_grpo_lsc_trains_with_base_model_references(tmp_path):
+    args = [*SMALL, "train.max_steps=2", f"train.output_dir={tmp_path / 'lsc'}", "method.combine=lsc", "method.lsc_samples=3"]
+    assert main(["train", "toy/grpo", *args]) == 0
+    assert all(math.isfinite(r["loss"]) for r in _rows(tmp_path / "lsc"))

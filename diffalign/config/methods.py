@@ -331,11 +331,18 @@ class GRPOMethod(GroupRollouts):
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"hpsv21": 1.0}, description="Scorer -> weight (DanceGRPO SD: HPSv2.1)."
     )
-    combine: Literal["advantages", "sum"] = Field(
+    combine: Literal["advantages", "sum", "lsc"] = Field(
         "advantages",
         description="'advantages': each reward normalised in its group, then weighted (Pref-GRPO's dispatcher); 'sum': the weighted "
-        "sum of raw scores, then normalised.",
+        "sum of raw scores, then normalised; 'lsc': Σ w·log σ(r − r_ref(prompt)) (Wang et al. 2024's log-sigmoid-centred transform: "
+        "the sum rewards being good on every scorer at once), then normalised.",
     )
+    lsc_quantile: float = Field(
+        0.85, ge=0, le=1,
+        description="combine lsc: r_ref(prompt) is this quantile of the base model's rewards for the prompt ('good' = better than "
+        "most base samples; Wang et al. centre on a per-prompt reference from the base policy's samples).",
+    )
+    lsc_samples: int = Field(8, ge=1, description="combine lsc: base-model images per prompt the reference quantile is taken over.")
     renormalize: bool = Field(False, description="Renormalise the mixed advantage over the batch (--apply_gdpo).")
 
 

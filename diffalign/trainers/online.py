@@ -115,11 +115,29 @@ class OnlineFeed:
         images = decode(self.components.vae, latents[:, -1], self.components.vae.config.scaling_factor)
         everyone = self.acc.gather(images.to(self.acc.device)).cpu() if self.acc.num_processes > 1 else images
         groups = torch.arange(self.round_size) // self.group_size
-        values, metrics = self.method.advantages(self.scorers, everyone, [self.prompts[i] for i in ids], groups)
+        extra = {"reference": self.reference_rewards(models, ids)} if getattr(self.method, "needs_reference_rewards", False) else {}
+        values, metrics = self.method.advantages(self.scorers, everyone, [self.prompts[i] for i in ids], groups, **extra)
         traj = Trajectories(prompts, torch.tensor(mine), slot_tensor // self.group_size, slot_tensor % self.group_size, slot_tensor,
                             cond, uncond, latents, log_probs, self.grid, m.cfg_scale, m.eta, images=images)
         values = values[slot_tensor].float()
         return Round(r, traj, values, self.method.plan(traj, values, r, self.cfg.train.seed), metrics)
+
+    def reference_rewards(self, models, prompt_ids: list[int]) -> dict[str, torch.Tensor]:
+        """Per scorer, each row's r_ref(prompt): the method's quantile of the BASE model's rewards over `lsc_samples` images
+        of the prompt (counter-based seeds per prompt, so the same after a resume), memoised per prompt."""
+        m, seed = self.cfg.method, self.cfg.train.seed
+        if not hasattr(self, "_reference_rewards"):
+            self._reference_rewards = {}
+        todo = sorted(set(prompt_ids) - set(self._reference_rewards))
+        for pid in todo:
+            n = m.lsc_samples
+            cond, uncond = self.encode([self.prompts[pid]] * n)
+            init, noise = rollout_noise(seed, -1, list(range(n)), [pid] * n, 1, self.grid.steps, self.latent_shape, False)
+            latents, _ = sample_trajectories(models, cond, uncond, init, noise, self.grid, m.cfg_scale, m.eta, reference=True)
+            images = decode(self.components.vae, latents[:, -1], self.components.vae.config.scaling_factor)
+            self._reference_rewards[pid] = {name: torch.quantile(self.scorers[name].score(images, [self.prompts[pid]] * n)["overall"]
+                                                                 .double().cpu(), m.lsc_quantile) for name in self.method.scorer_names()}
+        return {name: torch.stack([self._reference_rewards[pid][name] for pid in prompt_ids]) for name in self.method.scorer_names()}
 
     # ------------------------------------------------------------------------------------- one step
 

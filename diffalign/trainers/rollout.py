@@ -135,15 +135,17 @@ def step_log_prob(models, traj: Trajectories, rows: torch.Tensor, k, detach_unco
 
 @torch.no_grad()
 def sample_trajectories(models, cond: Cond, uncond: Cond, init_noise: torch.Tensor, step_noise: torch.Tensor,
-                        grid: SamplingGrid, guidance: float, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        grid: SamplingGrid, guidance: float, eta: float, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents (N, S + 1, C, h, w), log-probs (N, S)) of N trajectories from `init_noise` with the given step noises;
-    latents in float32 on the CPU. A deterministic step (`SamplingGrid.stochastic`) is a plain DDIM step, log-prob 0."""
+    latents in float32 on the CPU. A deterministic step (`SamplingGrid.stochastic`) is a plain DDIM step, log-prob 0.
+    `reference`: sampled from the reference model (the base) instead of the policy."""
+    net = models.reference if reference else models.policy
     x = init_noise.to(models.device, torch.float32)
     latents, log_probs = [x.cpu()], []
     alphas = grid.alphas_cumprod.to(models.device)
     stochastic = grid.stochastic(eta)
     for k in range(grid.steps):
-        eps = guided_prediction(models.policy, x, grid.timesteps[k].reshape(1), cond, uncond, guidance)
+        eps = guided_prediction(net, x, grid.timesteps[k].reshape(1), cond, uncond, guidance)
         t, t_prev = grid.timesteps[k], grid.prev_timesteps[k]
         if stochastic[k]:
             x, logp = ddim_step_with_logprob(eps, x, t, t_prev, alphas, grid.prediction_type, eta, noise=step_noise[:, k],

@@ -22,7 +22,7 @@ import torch
 from diffalign.config.methods import GroupRollouts, GRPOMethod
 from diffalign.objectives.grpo import clipped_policy_loss, gaussian_mean_kl
 from diffalign.randomness import item_generator
-from diffalign.rewards import group_advantages, weighted_advantages
+from diffalign.rewards import group_advantages, log_sigmoid_centered, weighted_advantages
 from diffalign.trainers.methods.base import Needs
 from diffalign.trainers.rollout import Trajectories, transition
 
@@ -121,14 +121,25 @@ class GRPO(GroupPolicyGradient):
 
     def __init__(self, cfg: GRPOMethod):
         super().__init__(cfg)
+        # combine lsc: each prompt's reference reward comes from the base model's samples (LoRA: adapters off)
+        self.needs_reference_rewards = cfg.combine == "lsc"
+        if self.needs_reference_rewards:
+            self.needs = Needs(reference=True, feed="prompts", rewards=True, preferences=False)
 
     def scorer_names(self) -> list[str]:
         return list(self.cfg.rewards)
 
-    def advantages(self, scorers, images, prompts, groups):
+    def advantages(self, scorers, images, prompts, groups, reference: dict[str, torch.Tensor] | None = None):
+        """Group advantages of the weighted rewards; with ``combine: lsc``, of Σ_s w_s·log σ(r_s − r_ref,s(prompt)), `reference`
+        holding each image's r_ref per scorer (`OnlineFeed.reference_rewards`)."""
         cfg = self.cfg
         scores = pointwise_scores(scorers, cfg.rewards, images, prompts)
-        if cfg.combine == "sum":
+        if cfg.combine == "lsc":
+            if reference is None:
+                raise ValueError("method.combine = lsc needs each prompt's reference rewards")
+            total = sum(w * log_sigmoid_centered(scores[k], reference[k]) for k, w in cfg.rewards.items())
+            adv = group_advantages(total, groups, clip=None)
+        elif cfg.combine == "sum":
             total = sum(w * scores[k] for k, w in cfg.rewards.items())
             adv = group_advantages(total, groups, clip=None)
         else:

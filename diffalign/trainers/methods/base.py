@@ -44,6 +44,26 @@ class Method(Protocol):
 
 
 class OnlineMethod(Method, Protocol):
-    """A method that samples from the policy during training (`Needs.feed == 'prompts'`)."""
+    """A method that samples from the policy during training (`Needs.feed == 'prompts'`); the rounds are the loop's
+    (`diffalign.trainers.online`), the rest is the method's:
 
-    def collect(self, models: Models, prompts: list[str], draws: Draws) -> list[Any]: ...
+    - `scorer_names()`: the scorers the loop loads for it;
+    - `steps_per_round(round_size, per_step, local)`: optimizer steps that train one rollout round (ValueError when the
+      sizes do not fit, naming the settings);
+    - `advantages(scorers, images, prompts, groups)`: a value per image from the rewards of whole groups (every
+      process computes it on the gathered round), and the round's metrics;
+    - `plan(traj, values, round, seed)`: tensors decided once per round (saved inside a checkpoint with the round);
+    - `batches(round, step_in_round, step, train_cfg)`: per micro-batch, the batches `loss` turns into one backward each;
+    - optionally `sample(models, feed, round, slots, prompt_ids, prompts, cond, uncond, init, noise)`: rollouts of its
+      own instead of `rollout.sample_trajectories` (TailorPO's child pairs), returning latents, log-probs, plan, metrics.
+    """
+
+    def scorer_names(self) -> list[str]: ...
+
+    def steps_per_round(self, round_size: int, per_step: int, local: int) -> int: ...
+
+    def advantages(self, scorers: dict, images: torch.Tensor, prompts: list[str], groups: torch.Tensor) -> tuple[torch.Tensor, dict]: ...
+
+    def plan(self, traj, values: torch.Tensor, r: int, seed: int) -> dict[str, torch.Tensor]: ...
+
+    def batches(self, rd, in_round: int, step: int, train) -> list[list[Any]]: ...

@@ -32,6 +32,14 @@ class OnlineSetupError(ValueError):
     """An online run whose sizes do not fit together (the message names the settings)."""
 
 
+def each_trajectory_once(round_size: int, per_step: int) -> int:
+    """`steps_per_round` of a method that trains every trajectory of a round once, `per_step` per optimizer step."""
+    if round_size % per_step:
+        raise ValueError(f"a rollout round holds method.groups_per_round × group_size = {round_size} trajectories, which the "
+                         f"{per_step} trajectories of an optimizer step (train.batch_size × grad_accum × processes) must divide")
+    return round_size // per_step
+
+
 @dataclass
 class Round:
     """This process's share of one rollout round, ready to train."""

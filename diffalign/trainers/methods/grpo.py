@@ -24,6 +24,7 @@ from diffalign.objectives.grpo import clipped_policy_loss, gaussian_mean_kl
 from diffalign.randomness import item_generator
 from diffalign.rewards import group_advantages, log_sigmoid_centered, weighted_advantages
 from diffalign.trainers.methods.base import Needs
+from diffalign.trainers.online import each_trajectory_once
 from diffalign.trainers.rollout import Trajectories, transition
 
 
@@ -60,10 +61,7 @@ class GroupPolicyGradient:
 
     def steps_per_round(self, round_size: int, per_step: int, local: int) -> int:
         """Optimizer steps that train one round: its trajectories once each, `per_step` per step."""
-        if round_size % per_step:
-            raise ValueError(f"a rollout round holds method.groups_per_round × method.group_size = {round_size} trajectories, which the "
-                             f"{per_step} trajectories of an optimizer step (train.batch_size × grad_accum × processes) must divide")
-        return round_size // per_step
+        return each_trajectory_once(round_size, per_step)
 
     def trainable_steps(self, traj: Trajectories) -> torch.Tensor:
         """The steps a trajectory may train: the stochastic ones, the last left out with `ignore_last`."""

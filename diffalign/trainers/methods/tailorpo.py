@@ -38,6 +38,7 @@ from diffalign.diffusion import ddim_step, ddim_step_with_logprob, to_x0_eps
 from diffalign.objectives.dpo import pairwise_loss
 from diffalign.randomness import item_generator
 from diffalign.trainers.methods.base import Needs
+from diffalign.trainers.online import each_trajectory_once
 from diffalign.trainers.rollout import Trajectories, decode, guided_prediction
 
 
@@ -80,10 +81,7 @@ class TailorPO:
         return [self.cfg.reward]
 
     def steps_per_round(self, round_size: int, per_step: int, local: int) -> int:
-        if round_size % per_step:
-            raise ValueError(f"a rollout round holds method.groups_per_round × group_size = {round_size} trajectories, which the "
-                             f"{per_step} trajectories of an optimizer step (train.batch_size × grad_accum × processes) must divide")
-        return round_size // per_step
+        return each_trajectory_once(round_size, per_step)
 
     # ------------------------------------------------------------------------------------------ rollouts
 

@@ -297,10 +297,11 @@ class PrefGRPOMethod(GroupRollouts):
         "under a pairwise judge as the reward, against the illusory advantage of pointwise rewards.",
     )
     judge: str = Field("pickscore", description="Scorer whose `prefer` judges the pairs (Pref-GRPO: UnifiedReward-Think, a VLM judge).")
-    judge_mode: Literal["prefer", "votes"] = Field(
+    judge_mode: Literal["prefer", "votes", "graded_votes"] = Field(
         "prefer",
         description="'prefer': the scorer's own P(a ≻ b); 'votes': a checklist scorer's question-by-question vote (the image that "
-        "wins more questions; `diffalign.scorers.checklist.QuestionVoteJudge`).",
+        "wins more questions, each won by a better yes / no verdict; `diffalign.scorers.checklist.QuestionVoteJudge`); "
+        "'graded_votes': the same vote, each question won by the higher yes-probability.",
     )
     both_orders: Literal["auto", "always", "never"] = Field(
         "auto",

@@ -36,12 +36,12 @@ class PrefGRPO(GroupPolicyGradient):
     def judge(self, scorers: dict):
         """The pairwise judge: the scorer itself, or its question vote."""
         scorer = scorers[self.cfg.judge]
-        if self.cfg.judge_mode == "votes":
+        if self.cfg.judge_mode in ("votes", "graded_votes"):
             from diffalign.scorers.checklist import ChecklistScorer, QuestionVoteJudge
 
             if not isinstance(scorer, ChecklistScorer):
-                raise ValueError(f"method.judge_mode: votes needs a checklist scorer; {self.cfg.judge!r} is not one")
-            return QuestionVoteJudge(scorer)
+                raise ValueError(f"method.judge_mode: {self.cfg.judge_mode} needs a checklist scorer; {self.cfg.judge!r} is not one")
+            return QuestionVoteJudge(scorer, hard=self.cfg.judge_mode == "votes")
         return scorer
 
     def advantages(self, scorers, images, prompts, groups):

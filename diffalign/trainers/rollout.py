@@ -9,7 +9,7 @@ Notation (DDPO / DanceGRPO on SD models; `diffalign.diffusion.ddim_step_with_log
     ε̂_k          CFG prediction ε_u + w·(ε_c − ε_u), both branches from the policy in one batched forward
     π(x_{k+1}|x_k)  N(μ_k, σ_k²·I), DDIM with η (1: DDPM-like, as DDPO and DanceGRPO), log-prob a MEAN over dims
 
-Every random number is counter-based (`diffalign.randomness`): image j of the step's global batch (its `slot`) with
+Every random number is counter-based (`diffalign.randomness`): image j of a round's global batch (its `slot`) with
 prompt index `prompt_id` draws its initial noise under stream ``rollout_init`` and all of its step noises under
 ``rollout_noise``; with ``same_noise`` the G images of a group share the initial noise of the group (Pref-GRPO's
 ``--init_same_noise``, DanceGRPO's shared initial latent), keyed by the group's first slot. A resumed or re-sharded
@@ -18,7 +18,7 @@ run therefore draws the same rollouts from the same weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -76,7 +76,6 @@ class Trajectories:
     guidance: float
     eta: float
     images: torch.Tensor | None = None  # (N, 3, H, W) in [0, 1], after decoding
-    extra: dict = field(default_factory=dict)  # what a method attaches (rewards, advantages, ...)
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -55,7 +55,9 @@ def test_inpo_with_forward_noising_in_place_of_the_inversion_is_dpo(demo_trainer
     monkeypatch.setattr(inpo, "inverted_latents", forward_noised)
     loss, metrics = _method("inpo", beta=3000).loss(trainer.models, batch, draws)
     dpo_loss, dpo_metrics = DPO(DPOMethod(beta=3000)).loss(trainer.models, batch, draws)
-    torch.testing.assert_close(loss, dpo_loss, rtol=1e-5, atol=1e-7)  # τ back-solved from x_t is ε up to rounding
+    # τ back-solved from x_t is ε up to float32 rounding, amplified by 1/√(1−ᾱ_t) at small t: 1.7e-5 relative with torch
+    # 2.14.1 here (1e-5 held under the library versions of earlier sessions); a wrong formula would differ by O(1)
+    torch.testing.assert_close(loss, dpo_loss, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(metrics["reward_margin"], dpo_metrics["reward_margin"], rtol=1e-4, atol=1e-6)
 
 

@@ -82,8 +82,7 @@ def test_the_on_policy_ratio_is_one(mixed_precision, atol):
     slots = [0, 1, 2, 3]
     init, noise = rollout_noise(0, 0, slots, [0, 0, 1, 1], 2, 4, (4, 8, 8), same_noise=True)
     latents, logp = sample_trajectories(models, cond, uncond, init, noise, grid, guidance=4.0, eta=1.0)
-    traj = Trajectories(prompts, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 2, 2]), torch.tensor([0, 1, 0, 1]),
-                        torch.tensor(slots), cond, uncond, latents, logp, grid, 4.0, 1.0)
+    traj = Trajectories(prompts, torch.tensor([0, 0, 1, 1]), torch.tensor(slots), cond, uncond, latents, logp, grid, 4.0, 1.0)
     assert models._unet.training
     stochastic = grid.stochastic(1.0)
     assert stochastic.tolist() == [True] * (grid.steps - 1) + [False]  # set_alpha_to_one: the last step is plain DDIM

@@ -73,6 +73,7 @@ class OnlineFeed:
             raise OnlineSetupError(f"data.resolution {res} is not divisible by the VAE's spatial factor {factor}")
         self.latent_shape = (components.unet.config.in_channels, res // factor, res // factor)
         self.round: Round | None = None
+        self._reference_rewards: dict[int, dict[str, torch.Tensor]] = {}  # prompt id -> scorer -> r_ref (combine: lsc)
 
     # ------------------------------------------------------------------------------------------ rounds
 
@@ -82,11 +83,22 @@ class OnlineFeed:
     def prompt_ids(self, r: int) -> list[int]:
         """The prompt of every slot of round r (global), G slots per group."""
         m, n = self.cfg.method, len(self.prompts)
-        ids = []
+        ids, orders = [], {}
         for g in range(m.groups_per_round):
             q = r * m.groups_per_round + g
-            ids += [int(epoch_permutation(n, self.cfg.train.seed, q // n)[q % n])] * self.group_size
+            if q // n not in orders:
+                orders[q // n] = epoch_permutation(n, self.cfg.train.seed, q // n)
+            ids += [int(orders[q // n][q % n])] * self.group_size
         return ids
+
+    def _trajectories(self, prompt_ids, slots: torch.Tensor, latents: torch.Tensor, log_probs: torch.Tensor,
+                      cond: Cond | None = None, uncond: Cond | None = None) -> Trajectories:
+        """This process's trajectories of the prompts `prompt_ids` at `slots` (encoded here unless given)."""
+        prompts = [self.prompts[int(i)] for i in prompt_ids]
+        if cond is None:
+            cond, uncond = self.encode(prompts)
+        m = self.cfg.method
+        return Trajectories(prompts, torch.as_tensor(prompt_ids), slots, cond, uncond, latents, log_probs, self.grid, m.cfg_scale, m.eta)
 
     def encode(self, prompts: list[str]) -> tuple[Cond, Cond]:
         """(conditional, unconditional) conditioning as the pipelines build it (SDXL: pooled and time ids; zeros for an
@@ -116,8 +128,7 @@ class OnlineFeed:
         slot_tensor = torch.tensor(slots)
         if hasattr(self.method, "sample"):  # a method with its own rollouts (TailorPO's child pairs): no group rewards
             latents, log_probs, plan, metrics = self.method.sample(models, self, r, slots, mine, prompts, cond, uncond, init, noise)
-            traj = Trajectories(prompts, torch.tensor(mine), slot_tensor // self.group_size, slot_tensor % self.group_size,
-                                slot_tensor, cond, uncond, latents, log_probs, self.grid, m.cfg_scale, m.eta)
+            traj = self._trajectories(mine, slot_tensor, latents, log_probs, cond, uncond)
             return Round(r, traj, torch.zeros(len(slots)), plan, {k: float(v) for k, v in metrics.items()})
         latents, log_probs = sample_trajectories(models, cond, uncond, init, noise, self.grid, m.cfg_scale, m.eta)
         images = decode(self.components.vae, latents[:, -1], self.components.vae.config.scaling_factor)
@@ -125,8 +136,7 @@ class OnlineFeed:
         groups = torch.arange(self.round_size) // self.group_size
         extra = {"reference": self.reference_rewards(models, ids)} if getattr(self.method, "needs_reference_rewards", False) else {}
         values, metrics = self.method.advantages(self.scorers, everyone, [self.prompts[i] for i in ids], groups, **extra)
-        traj = Trajectories(prompts, torch.tensor(mine), slot_tensor // self.group_size, slot_tensor % self.group_size, slot_tensor,
-                            cond, uncond, latents, log_probs, self.grid, m.cfg_scale, m.eta, images=images)
+        traj = self._trajectories(mine, slot_tensor, latents, log_probs, cond, uncond)
         values = values[slot_tensor].float()
         return Round(r, traj, values, self.method.plan(traj, values, r, self.cfg.train.seed), metrics)
 
@@ -134,8 +144,6 @@ class OnlineFeed:
         """Per scorer, each row's r_ref(prompt): the method's quantile of the BASE model's rewards over `lsc_samples` images
         of the prompt (counter-based seeds per prompt, so the same after a resume), memoised per prompt."""
         m, seed = self.cfg.method, self.cfg.train.seed
-        if not hasattr(self, "_reference_rewards"):
-            self._reference_rewards = {}
         todo = sorted(set(prompt_ids) - set(self._reference_rewards))
         for pid in todo:
             n = m.lsc_samples
@@ -188,11 +196,6 @@ class OnlineFeed:
         r = self.round_of(step)
         if int(s["round"][0]) != r:
             raise ValueError(f"{path}: holds round {int(s['round'][0])}, but step {step} is in round {r}")
-        m = self.cfg.method
-        prompts = [self.prompts[i] for i in s["prompt_ids"].tolist()]
-        cond, uncond = self.encode(prompts)
-        slots = s["slots"]
-        traj = Trajectories(prompts, s["prompt_ids"], slots // self.group_size, slots % self.group_size, slots, cond, uncond,
-                            s["latents"], s["log_probs"], self.grid, m.cfg_scale, m.eta)
+        traj = self._trajectories(s["prompt_ids"], s["slots"], s["latents"], s["log_probs"])
         plan = {k.removeprefix("plan."): v for k, v in s.items() if k.startswith("plan.")}
         self.round = Round(r, traj, s["values"], plan, {})

@@ -61,13 +61,11 @@ class SamplingGrid:
 
 @dataclass
 class Trajectories:
-    """N trajectories of S steps; row i is image `member[i]` of group `group[i]` (one prompt's G images)."""
+    """N trajectories of S steps; row i sits at `slots[i]` of its round (image slot % G of group slot // G)."""
 
     prompts: list[str]
     prompt_ids: torch.Tensor  # (N,) long: index of the prompt in the run's prompt list
-    group: torch.Tensor  # (N,) long: the group's slot in the step's global batch (all its images share it)
-    member: torch.Tensor  # (N,) long: 0 .. G-1
-    slots: torch.Tensor  # (N,) long: the image's place in the step's global batch
+    slots: torch.Tensor  # (N,) long: the image's place in the round's global batch
     cond: Cond  # conditional branch, (N, ...)
     uncond: Cond  # unconditional branch, (N, ...)
     latents: torch.Tensor  # (N, S + 1, C, h, w): x_0 = initial noise ... x_S = final latents
@@ -75,7 +73,6 @@ class Trajectories:
     grid: SamplingGrid
     guidance: float
     eta: float
-    images: torch.Tensor | None = None  # (N, 3, H, W) in [0, 1], after decoding
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -71,15 +71,11 @@ def image_seed(seed: int, prompt_index: int, k: int) -> int:
 
 def builtin_prompts(name: str) -> list[str]:
     """The captions of a built-in prompt set (`diffalign.config.PROMPT_SETS`, or `EVAL_ONLY_PROMPT_SETS`)."""
-    if name == "toy-train":
-        from diffalign.toy.scenes import TRAIN
+    from diffalign.data.sources.prompts import builtin_prompt_set
 
-        return [spec.caption for spec in TRAIN]
-    if name == "toy-held-out":
-        from diffalign.toy.scenes import HELD_OUT
-
-        return [spec.caption for spec in HELD_OUT]
-    raise ConfigError(f"data.source.prompts: unknown prompt set {name!r}; built-in sets: {', '.join(PROMPT_SETS)}")
+    if name not in ("toy-train", "toy-held-out"):
+        raise ConfigError(f"data.source.prompts: unknown prompt set {name!r}; built-in sets: {', '.join(PROMPT_SETS)}")
+    return builtin_prompt_set(name)
 
 
 def resolve_prompts(cfg: SyntheticSource) -> list[str]:

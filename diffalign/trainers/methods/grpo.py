@@ -14,6 +14,7 @@ of raw scores normalised once (``combine: sum``, DanceGRPO's single reward).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -122,7 +123,7 @@ class GRPO(GroupPolicyGradient):
         # combine lsc: each prompt's reference reward comes from the base model's samples (LoRA: adapters off)
         self.needs_reference_rewards = cfg.combine == "lsc"
         if self.needs_reference_rewards:
-            self.needs = Needs(reference=True, feed="prompts", rewards=True, preferences=False)
+            self.needs = dataclasses.replace(self.needs, reference=True)
 
     def scorer_names(self) -> list[str]:
         return list(self.cfg.rewards)

@@ -60,7 +60,7 @@ class PrefGRPO(GroupPolicyGradient):
             parts[name], weights[name] = group_advantages(score, groups, clip=None), cfg.extra_rewards[name]
         adv = weighted_advantages(parts, weights, renormalize=cfg.renormalize)
         # the win-rate's mean is ½ by construction: the judge's own score says whether the images improve
-        judged = pointwise_scores(scorers, [cfg.judge], images, prompts)[cfg.judge]
+        judged = extra[cfg.judge] if cfg.judge in extra else pointwise_scores(scorers, [cfg.judge], images, prompts)[cfg.judge]
         metrics = {"reward": judged.mean(), "win_rate_std": _group_std(wr, groups)}
         metrics |= {f"reward/{k}": v.mean() for k, v in extra.items()}
         return adv.clamp(-cfg.adv_clip, cfg.adv_clip), metrics

@@ -200,13 +200,14 @@ def _load_scorers(args: argparse.Namespace) -> dict:
 def _cmd_score(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from diffalign.eval.folderscore import score_records, summary_table
+    from diffalign.eval.folderscore import summary_table
     from diffalign.scorers.registry import uses_prompts
 
     records = _read_folder(args.dir, args.prompts, uses_prompts(_scorer_names(args)))
     scorers = _load_scorers(args)
-    result = score_records(args.dir, records, scorers, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
-    paths = result.write(Path(args.out) if args.out else Path(args.dir) / "scores")
+    stem = Path(args.out) if args.out else Path(args.dir) / "scores"
+    result = _score_folder(args, args.dir, records, scorers, stem)
+    paths = result.write(stem)
     print(summary_table(result, f"{args.dir}: {len(result.records)} images in {result.seconds:.1f}s"))
     for file, reason in result.skipped[:10]:
         print(f"skipped {file}: {reason}", file=sys.stderr)
@@ -220,7 +221,6 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from diffalign.eval.compare import compare_scores, disagreement_grid, markdown_table, pair
-    from diffalign.eval.folderscore import score_records
     from diffalign.io import atomic_write_text
     from diffalign.scorers.registry import uses_prompts
 
@@ -230,8 +230,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     records = [_read_folder(folders[0], args.prompts_a, need_prompts), _read_folder(folders[1], args.prompts_b, need_prompts)]
     pair(*records)  # the folders must pair on (prompt, seed) before any scorer loads
     scorers = _load_scorers(args)
-    results = [score_records(f, r, scorers, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
-               for f, r in zip(folders, records)]
+    results = [_score_folder(args, f, r, scorers, out / f"{label}_scores") for label, f, r in zip("ab", folders, records)]
     for label, res in zip("ab", results):
         res.write(out / f"{label}_scores")
     report, pairing = compare_scores(*results, seed=args.seed)
@@ -383,7 +382,22 @@ def _add_scorer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=4, help="threads decoding and preprocessing images ahead of the models")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image, naming it (default: skip it with the reason)")
+    p.add_argument("--max-consecutive-failures", type=int, default=100, metavar="N",
+                   help="stop after more than N unreadable images in a row (a wrong folder); default 100")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _score_folder(args: argparse.Namespace, folder, records, scorers: dict, stem):
+    """Score one folder, resuming the journal a killed run of the same settings left beside ``stem``."""
+    from diffalign.eval.folderscore import journal_path, score_records
+    from diffalign.scorers.registry import scorer_identity
+
+    options = _scorer_options(args)
+    identity = {"scorers": [scorer_identity(n, args.weights_dir, **options.get(n, {})) for n in scorers], "dtype": args.dtype}
+    return score_records(folder, records, scorers, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
+                         strict=args.strict, max_consecutive_failures=args.max_consecutive_failures,
+                         journal=journal_path(stem), identity=identity)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,9 @@
 
 Every writer goes through a temporary file in the destination's own directory (so the final
 ``os.replace`` is an atomic rename on one filesystem), fsyncs the file, renames it over the target
-and fsyncs the directory. A reader therefore sees the old file or the new one, never a torn one.
+and fsyncs the directory. A reader therefore sees the old file or the new one, never a torn one. The file gets
+the permissions a plain ``open`` would give it (0666 less the umask: group- and world-readable under the usual
+022, private under 077), not the 0600 of the temporary file it was written as.
 
 Loaders turn every failure into a `SafeLoadError` that names the file. `torch_load` always passes
 ``weights_only=True`` explicitly, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot override, and
@@ -17,6 +19,15 @@ import os
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
 
 
 class SafeLoadError(RuntimeError):
@@ -45,6 +56,7 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(OSError):

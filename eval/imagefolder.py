@@ -43,14 +43,31 @@ def image_files(folder: Path) -> list[str]:
 def _record(obj: dict, where: str) -> ImageRecord:
     if not isinstance(obj, dict) or "file" not in obj or "prompt" not in obj:
         raise DataError(f"{where}: each line needs 'file' and 'prompt', got {str(obj)[:120]}")
-    seed = obj.get("seed")
+    file, seed = obj["file"], obj.get("seed")
+    if not isinstance(file, str) or not file or Path(file).is_absolute() or ".." in Path(file).parts:
+        raise DataError(f"{where}: 'file' must be a path inside the folder, got {str(file)[:120]!r}")
+    if seed is not None:
+        try:
+            if isinstance(seed, (bool, float)):
+                raise ValueError
+            seed = int(seed)  # an integer, or its digits
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: 'seed' must be an integer or null, got {str(seed)[:40]!r}") from None
     extra = {k: v for k, v in obj.items() if k not in ("file", "prompt", "seed")}
-    return ImageRecord(str(obj["file"]), str(obj["prompt"]), None if seed is None else int(seed), extra)
+    return ImageRecord(file, str(obj["prompt"]), seed, extra)
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's content; a `DataError` naming it if it cannot be read or decoded."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read as UTF-8 text ({type(e).__name__}: {e})") from None
 
 
 def _read_jsonl(path: Path) -> list[ImageRecord]:
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 obj = json.loads(line)
@@ -63,11 +80,14 @@ def _read_jsonl(path: Path) -> list[ImageRecord]:
 def read_prompt_list(path: Path) -> list[str]:
     """Prompts from a ``.json`` list of strings, or one per non-empty line of a text file."""
     if path.suffix == ".json":
-        prompts = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            prompts = json.loads(read_text(path))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not JSON ({e.msg})") from None
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise DataError(f"{path}: expected a JSON list of prompt strings")
         return prompts
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for line in read_text(path).splitlines() if line.strip()]
 
 
 def read_folder(folder: str | Path, prompts: str | Path | None = None) -> list[ImageRecord]:
@@ -93,7 +113,7 @@ def read_folder(folder: str | Path, prompts: str | Path | None = None) -> list[I
     for f in files:
         sidecar = (folder / f).with_suffix(".txt")
         if sidecar.is_file():
-            records.append(ImageRecord(f, sidecar.read_text(encoding="utf-8").strip()))
+            records.append(ImageRecord(f, read_text(sidecar).strip()))
         else:
             missing.append(f)
     if missing or not files:

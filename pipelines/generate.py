@@ -4,12 +4,14 @@
    UNet: diffalign's own ``final/`` directories load as they are) and, optionally, NPO weights for the negative branch
    of CFG with α and β (`diffalign.pipelines.guidance`). Without NPO weights it is plain CFG on the positive model.
 2. `generate_folder` samples every (prompt, seed) not already in the folder with the same settings, saves
-   ``p<prompt index>_s<seed>.png``, rewrites ``metadata.jsonl`` after every batch (atomically) and paints a contact
+   ``p<prompt index>_s<seed>.png`` (atomically), rewrites ``metadata.jsonl`` after every batch (atomically: the commit of
+   the batch, so a killed run redoes at most one batch) and paints a contact
    sheet. Sampling goes through `diffalign.models.sampling.sample_with`, as the toy bench's does.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -21,8 +23,9 @@ from PIL import Image
 from diffalign.config import ModelConfig
 from diffalign.config.base import is_single_file
 from diffalign.eval.imagefolder import METADATA, read_folder
+from diffalign.faults import fault_point
 from diffalign.imagegrid import paint_grid
-from diffalign.io import atomic_write_text
+from diffalign.io import atomic_write_bytes, atomic_write_text
 from diffalign.models.errors import ModelLoadError
 from diffalign.models.loading import build_pipeline, load_components
 from diffalign.models.quiet import quiet_loading
@@ -127,14 +130,23 @@ def generate_folder(pipe, prompts: list[str], seeds: list[int], out: Path, setti
                              guidance_scale=settings.guidance, height=settings.height, width=settings.width,
                              negative_prompt=settings.negative_prompt, batch_size=batch_size)
         for (i, p, s), image in zip(chunk, images):
-            image.save(out / image_name(i, s))
+            save_png(out / image_name(i, s), image)
+            fault_point("generate.image")
             lines[image_name(i, s)] = {"file": image_name(i, s), "prompt": p, "seed": s, **meta}
         _write_metadata(out, lines)
+        fault_point("generate.batch")
         bar.update(len(chunk))
     bar.close()
     _write_metadata(out, lines)
-    contact_sheet(out, [lines[image_name(i, s)] for i, _, s in jobs]).save(out / CONTACT_SHEET)
+    save_png(out / CONTACT_SHEET, contact_sheet(out, [lines[image_name(i, s)] for i, _, s in jobs]))
     return {"generated": len(todo), "skipped": len(jobs) - len(todo), "total": len(jobs)}
+
+
+def save_png(path: Path, image: Image.Image) -> None:
+    """An image written atomically: a kill leaves the old file or none, never a torn one."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _done(out: Path, line: dict | None, prompt: str, seed: int, meta: dict) -> bool:

@@ -94,7 +94,7 @@ def load_unet(weights: Weights, like: UNet2DConditionModel) -> UNet2DConditionMo
     """A full UNet on `like`'s device and dtype, refused unless its parameters have `like`'s names and shapes."""
     try:
         with quiet_loading():
-            unet = UNet2DConditionModel.from_pretrained(weights.path, torch_dtype=like.dtype, local_files_only=True)
+            unet = UNet2DConditionModel.from_pretrained(weights.path, torch_dtype=like.dtype, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{weights.path}: cannot load a UNet ({e})") from e
     base = base_state_dict(like)

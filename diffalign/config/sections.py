@@ -324,6 +324,9 @@ class DataConfig(Section):
         0.0, ge=0, le=1, description="Probability an item's caption is replaced by the empty caption (shared by all its images)."
     )
     corrupt_images: Literal["skip", "error"] = Field("skip", description="An undecodable image: skip its item (counted in the manifest) or fail.")
+    max_consecutive_corrupt: int | None = Field(
+        100, ge=0, description="Stop preparing after more than this many skipped items in a row (a wrong folder or a dead disk, "
+        "not a few bad files; Megatron-Energon's failure_tolerance is 100); null: never stop.")
     latent_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="Storage dtype of cached posterior mean/log-variance and text embeddings."
     )

@@ -36,7 +36,9 @@ from diffalign.data.prefetch import ordered_map
 from diffalign.data.scores import score_cache
 from diffalign.data.shards import committed_shards, discard_uncommitted, read_index, write_shard
 from diffalign.data.sources import SourceItem, open_source
+from diffalign.faults import fault_point
 from diffalign.io import atomic_write_text, save_safetensors
+from diffalign.locks import directory_lock
 from diffalign.models.devices import on_device
 from diffalign.models.loading import Components, encode_images, encode_prompts, load_components, sdxl_time_ids, vae_encode_dtype
 from diffalign.models.quiet import quiet_loading
@@ -58,6 +60,7 @@ class _Builder:
         self.captions: dict[str, tuple[int, int]] = {}
         self.k: int | None = None
         self.skips = 0
+        self.skips_in_a_row = 0  # data.max_consecutive_corrupt
         if self.start:
             index = read_index(root, self.start, ["caption", "text_shard", "text_row", "k"])
             for cap, s, r in zip(*(index.column(n).to_pylist() for n in ("caption", "text_shard", "text_row"))):
@@ -116,11 +119,17 @@ class _Builder:
             if self.cfg.data.corrupt_images == "error":
                 raise CorruptImageError(f"{result} (data.corrupt_images = error)", None) from None
             self.skips += 1
+            self.skips_in_a_row += 1
+            limit = self.cfg.data.max_consecutive_corrupt
+            if limit is not None and self.skips_in_a_row > limit:
+                raise DataError(f"{self.skips_in_a_row} unreadable items in a row (the last: {item.source_id}: {result.reason}); is "
+                                f"data.source right? (data.max_consecutive_corrupt = {limit} sets how many are tolerated)")
             if self.skips <= MAX_SKIP_WARNINGS:
                 more = " (further skips are listed in manifest.json only)" if self.skips == MAX_SKIP_WARNINGS else ""
                 warnings.warn(f"skipping {item.source_id}: {result.reason}{more}", stacklevel=2)
             cur["skipped"].append({"source_id": item.source_id, "reason": result.reason})
             return
+        self.skips_in_a_row = 0
         if item.caption not in self.captions:
             self.captions[item.caption] = (self.shard, len(cur["captions"]))
             cur["captions"].append(item.caption)
@@ -191,14 +200,29 @@ def prepare_cache(cfg: Config, components: Components | None = None, progress: b
     `cfg.model` samples with these components (so they must be the base model, without trained adapters)
     instead of loading a second copy. Then, with `data.scores`, the scorers whose scores are missing or unfinished
     score the source images beside the latents (`diffalign.data.scores.score_cache`; complete ones are verified).
+    One process builds or scores a cache at a time: another gets `DirectoryInUseError` naming the one at work.
     """
     root = Path(cfg.data.cache_dir)
     if (root / MANIFEST).is_file():
         score_cache(cfg, check_cache(cfg, components), progress)  # data.scores: scores missing beside the latents, if any
         return root
-    source = open_source(cfg.data.source, cfg)
     if root.exists() and not (root / BUILD).is_file() and any(not p.name.startswith(".") for p in root.iterdir()):
         raise DataError(f"data.cache_dir: {root} exists, is not empty and is not a diffalign cache; choose another directory")
+    source = open_source(cfg.data.source, cfg)  # checked (files, held-out captions) before anything is created
+    try:
+        with directory_lock(root, "data.cache_dir"):  # one builder at a time; the other is told who holds it
+            if (root / MANIFEST).is_file():  # finished by another process while this one waited to look
+                score_cache(cfg, check_cache(cfg, components), progress)
+            else:
+                _build(cfg, components, root, progress, source)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+    return root
+
+
+def _build(cfg: Config, components: Components | None, root: Path, progress: bool, source) -> None:
     if components is None:
         components = load_components(cfg.model)
     identity = expected_identity(cfg, components, source)
@@ -235,10 +259,7 @@ def prepare_cache(cfg: Config, components: Components | None = None, progress: b
             if want != was:
                 with quiet_loading():
                     vae.to(dtype=was)
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
     manifest = build_manifest(cfg, components, root, identity, source)
+    fault_point("cache.before_manifest")
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     score_cache(cfg, manifest, progress)
-    return root

@@ -28,6 +28,7 @@ fork, never pickled), so the dataset works in DataLoader workers. Caption dropou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -36,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from diffalign.config import DataConfig
@@ -53,12 +54,28 @@ _CHECKED = ("data.resolution", "data.resize", "data.crop", "data.random_flip", "
             "data.latent_dtype", "data.max_items")
 
 
+@contextlib.contextmanager
+def damaged_cache(root: Path):
+    """Any failure to parse the cache's own files (a damaged manifest, index or shard) as a `DataError` naming the cache."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError, RuntimeError, pa.ArrowException, SafetensorError) as e:
+        raise DataError(f"{root}: the cache is damaged ({type(e).__name__}: {e}); rebuild it (delete the folder and run "
+                        "`diffalign prepare` again)") from None
+
+
 class LatentPairDataset(torch.utils.data.Dataset):
     """The items of the cache at `cache_dir`, read as `data_cfg` asks (ties, time_ids)."""
 
     def __init__(self, cache_dir: str | Path, data_cfg: DataConfig, manifest: dict | None = None):
         """`manifest`: the cache's manifest when the caller has read (and verified) it already."""
         self.root = Path(cache_dir)
+        with damaged_cache(self.root):
+            self._open(data_cfg, manifest)
+
+    def _open(self, data_cfg: DataConfig, manifest: dict | None) -> None:
         if manifest is None:
             manifest_path = self.root / MANIFEST
             if not manifest_path.is_file():
@@ -164,7 +181,12 @@ class LatentPairDataset(torch.utils.data.Dataset):
             self._handles, self._pid = {}, os.getpid()
         f = self._handles.pop(shard, None)
         if f is None:
-            f = safe_open(str(tensors_path(self.root, shard)), framework="pt")
+            path = tensors_path(self.root, shard)
+            try:
+                f = safe_open(str(path), framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors' own error types; re-raised naming the file
+                raise DataError(f"{path}: cannot read this cache shard ({type(e).__name__}: {e}); the cache is damaged, "
+                                f"rebuild it (delete {self.root} and run `diffalign prepare` again)") from None
             if len(self._handles) >= MAX_OPEN_SHARDS:
                 self._handles.pop(next(iter(self._handles)))  # least recently used
         self._handles[shard] = f
@@ -173,7 +195,10 @@ class LatentPairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"item {i} out of range for {len(self)} items")
-        i = int(i) % len(self)
+        with damaged_cache(self.root):
+            return self._item(int(i) % len(self))
+
+    def _item(self, i: int) -> dict[str, torch.Tensor]:
         f = self._file(int(self._shard[i]))
         r = int(self._row[i])
         text = self._file(int(self._text[i, 0]))

@@ -78,8 +78,11 @@ def refuse_evaluation_only(manifest: dict, cache_dir) -> None:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        return data
+    except (OSError, ValueError) as e:
         raise CacheIncompleteError(f"{path}: unreadable ({e}); delete the cache directory and prepare it again") from None
 
 

@@ -46,7 +46,9 @@ from diffalign.data.images import open_image
 from diffalign.data.prefetch import ordered_map
 from diffalign.data.shards import index_path, shard_meta
 from diffalign.data.sources import SourceItem, open_source
+from diffalign.faults import fault_point
 from diffalign.io import atomic_write_text, save_safetensors
+from diffalign.locks import directory_lock
 from diffalign.scorers.registry import REGISTRY, ScorerConfigError, available, load_scorers, scorer_identity
 
 SCORES_DIR = "scores"
@@ -122,8 +124,11 @@ def _compare(stored: dict, expected: dict, name: str, folder: Path, only_scorer:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        return data
+    except (OSError, ValueError) as e:
         raise CacheIncompleteError(f"{path}: unreadable ({e}); delete {path.parent} and run `diffalign prepare` to score again") from None
 
 
@@ -181,7 +186,6 @@ def score_cache(cfg: Config, manifest: dict, progress: bool = True) -> None:
         return
     root = Path(cfg.data.cache_dir)
     shards = int(manifest["counts"]["shards"])
-    pending: dict[str, list[int]] = {}
     records: dict[str, dict] = {}
     for name in names:  # every scorer is checked before anything is written
         options = cfg.data.score_options.get(name, {})
@@ -196,6 +200,13 @@ def score_cache(cfg: Config, manifest: dict, progress: bool = True) -> None:
             raise ScorerConfigError(f"data.scores: {e} (in a config: data.score_options.{name}.<option>)") from None
         if (folder / IDENTITY).is_file():
             _compare(_read_json(folder / IDENTITY), records[name], name, folder)
+    if records:
+        with directory_lock(root, "data.cache_dir"):  # one scorer of this cache at a time
+            _score_missing(cfg, root, manifest, records, shards, progress)
+
+
+def _score_missing(cfg: Config, root: Path, manifest: dict, records: dict[str, dict], shards: int, progress: bool) -> None:
+    pending: dict[str, list[int]] = {}
     for name, record in records.items():
         folder = scorer_dir(root, name)
         if (folder / IDENTITY).is_file():
@@ -354,6 +365,7 @@ def _as_numpy(out: dict, name: str, dimensions: Iterable[str], n: int) -> dict[s
 def commit_shard(root: Path, name: str, shard: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
     """Write one (scorer, shard) file atomically; its presence with the current digest is the commit."""
     save_safetensors(score_path(root, name, shard), tensors, metadata={META_KEY: json.dumps(info, sort_keys=True)})
+    fault_point("scores.shard")
 
 
 def _write_summary(root: Path, name: str, record: dict, shards: int) -> None:

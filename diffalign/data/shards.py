@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from diffalign.faults import fault_point
 from diffalign.io import atomic_open, save_safetensors
 
 SHARD_DIR = "shards"
@@ -60,10 +61,12 @@ def write_shard(root: Path, shard: int, tensors: dict, rows: list[dict], meta: d
     """Commit one shard: tensors first, then the index parquet (the commit marker)."""
     shard_dir(root).mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors_path(root, shard), tensors, metadata={"shard": str(shard)})
+    fault_point("cache.shard_tensors")
     schema = INDEX_SCHEMA.with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     table = pa.Table.from_pylist(rows, schema=schema)
     with atomic_open(index_path(root, shard)) as f:
         pq.write_table(table, f)
+    fault_point("cache.shard")
 
 
 def committed_shards(root: Path) -> int:

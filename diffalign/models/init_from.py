@@ -17,6 +17,7 @@ from diffusers import UNet2DConditionModel
 from diffalign.models.errors import ModelLoadError
 from diffalign.models.loading import Components
 from diffalign.models.lora import LORA_WEIGHT_NAME
+from diffalign.models.quiet import quiet_loading
 from diffalign.models.sampling import load_trained_unet, unet_with_lora
 
 KEY = "model.init_from"
@@ -34,7 +35,11 @@ def start_from(components: Components, init_from: str | Path) -> Components:
         unet = load_trained_unet(components, path)  # a run's final/: checks it was trained from the same base
         unet = _merged(unet) if (path / LORA_WEIGHT_NAME).is_file() else unet
     elif (path / "config.json").is_file():
-        unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True)
+        try:
+            with quiet_loading():
+                unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{KEY}: cannot load a UNet from {path} (safetensors weights only): {e}") from None
     elif not path.exists():
         raise ModelLoadError(f"{KEY}: {path} does not exist")
     else:

@@ -65,9 +65,14 @@ def _offline() -> bool:
 
 
 def _from_pretrained(cls, ref: str, subfolder: str | None, cfg: ModelConfig, key: str = PRETRAINED, **kw):
-    """`cls.from_pretrained` without the libraries' loading chatter; a failure is a `ModelLoadError` naming `key`."""
+    """`cls.from_pretrained` without the libraries' loading chatter; a failure is a `ModelLoadError` naming `key`.
+    Networks load from safetensors only (``use_safetensors=True``): a folder holding only pickled ``.bin`` weights is
+    refused rather than unpickled, whatever the libraries' defaults or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say."""
     local = Path(ref).is_dir()
     revision = cfg.revision if key == PRETRAINED and not local else None  # model.revision is that of model.pretrained
+    where = f"{ref}/{subfolder}" if subfolder else ref
+    if issubclass(cls, torch.nn.Module):
+        kw["use_safetensors"] = True
     try:
         with quiet_loading():
             return cls.from_pretrained(
@@ -79,7 +84,10 @@ def _from_pretrained(cls, ref: str, subfolder: str | None, cfg: ModelConfig, key
                 **kw,
             )
     except (OSError, ValueError, EnvironmentError) as e:
-        where = f"{ref}/{subfolder}" if subfolder else ref
+        pickled = sorted(p.name for p in Path(where).glob("*.bin")) if local else []
+        if pickled:
+            raise ModelLoadError(f"{key}: '{where}' holds pickled weights only ({', '.join(pickled)}); diffalign loads .safetensors "
+                                 "(convert once where you trust the file: diffusers' / transformers' save_pretrained writes them)") from None
         raise ModelLoadError(f"{key}: could not load {cls.__name__} from '{where}': {e}") from None
 
 

@@ -97,7 +97,7 @@ def load_trained_unet(components: Components, final_dir: str | Path) -> UNet2DCo
         for name, p in unet.named_parameters():  # as training leaves a LoRA UNet: the base frozen, the adapters trainable
             p.requires_grad_(".lora_" in name)
     elif (final_dir / "unet" / "config.json").is_file():
-        unet = UNet2DConditionModel.from_pretrained(final_dir / "unet", local_files_only=True).to(components.unet.device)
+        unet = UNet2DConditionModel.from_pretrained(final_dir / "unet", local_files_only=True, use_safetensors=True).to(components.unet.device)
         unet.requires_grad_(True)  # as training leaves a fully fine-tuned UNet
     else:
         raise ModelLoadError(f"{final_dir}: no trained weights ({LORA_WEIGHT_NAME} or unet/config.json); is it a run's final/ directory?")

@@ -142,7 +142,8 @@ class VLMYesNoBackend:
         if model_class is None:
             model_class = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
         dtype_option = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        self.model = model_class.from_pretrained(self.model_path, local_files_only=True, **{dtype_option: dtype})
+        # safetensors only: a pickled pytorch_model.bin is refused, never unpickled
+        self.model = model_class.from_pretrained(self.model_path, local_files_only=True, use_safetensors=True, **{dtype_option: dtype})
         self.model = self.model.to(self.device).eval().requires_grad_(False)
         self.yes_ids, self.no_ids = self.single_tokens(yes_words), self.single_tokens(no_words)
         self.vqascore_answer_id = self.single_tokens([VQASCORE_ANSWER])[0]

@@ -17,8 +17,8 @@ debris, which the next save removes.
 Multi-process jobs: the main process calls `stage` (it empties the dir), then a barrier; every
 process writes its own files into `staging_path(root, step)`; barrier; the main process calls `commit`.
 
-Fault injection: set ``DIFFALIGN_FAULT="checkpoint.after_files:2"`` (comma-separate several) and the
-2nd hit of that point in this process SIGKILLs it. Points: ``checkpoint.write`` (the trainer calls it
+Fault injection (`diffalign.faults`): ``DIFFALIGN_FAULT="checkpoint.after_files:2"`` SIGKILLs this process at the
+2nd hit of that point. Points: ``checkpoint.write`` (the trainer calls it
 between its own file writes), ``checkpoint.after_files``, ``checkpoint.before_rename``,
 ``checkpoint.after_move_aside``, ``checkpoint.after_rename``, ``checkpoint.prune``.
 """
@@ -30,12 +30,11 @@ import json
 import os
 import re
 import shutil
-import signal
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from diffalign.faults import fault_point
 from diffalign.io import atomic_write_text, fsync_dir
 
 MARKER = "COMMIT.json"
@@ -43,25 +42,10 @@ FORMAT = "diffalign-checkpoint"
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20
 _STEP_RE = re.compile(r"step-(\d+)")
-_fault_hits: Counter[str] = Counter()
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or damaged, or cannot be written; the message names the path."""
-
-
-def fault_point(name: str) -> None:
-    """SIGKILL this process on the n-th hit of ``name`` if ``DIFFALIGN_FAULT`` contains ``name:n``."""
-    spec = os.environ.get("DIFFALIGN_FAULT", "").strip()
-    if not spec:
-        return
-    _fault_hits[name] += 1
-    for item in spec.split(","):
-        point, sep, n = item.strip().rpartition(":")
-        if not sep or not n.isdigit():
-            raise ValueError(f"DIFFALIGN_FAULT: bad entry {item!r}; expected '<point>:<n>'")
-        if point == name and _fault_hits[name] == int(n):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def step_path(root: str | os.PathLike, step: int) -> Path:

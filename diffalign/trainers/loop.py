@@ -30,6 +30,7 @@ from diffalign.config import Config, dump_config
 from diffalign.data import LatentPairDataset, prepare_cache
 from diffalign.data.manifest import MANIFEST, evaluation_only, read_json, refuse_evaluation_only
 from diffalign.io import atomic_write_text, load_safetensors, save_safetensors, torch_load, torch_save
+from diffalign.locks import directory_lock
 from diffalign.models.init_from import start_from
 from diffalign.models.loading import Components, load_components
 from diffalign.models.lora import attach_lora, save_lora, save_lora_kohya, trainable_state_dict
@@ -97,6 +98,7 @@ class PreferenceTrainer:
                                 "one that sampled the rollouts (their ratio must start at 1)")
         self.output_dir = Path(cfg.train.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
+        self.held = contextlib.ExitStack()  # what this run holds until it ends: the output directory's lock
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -110,6 +112,8 @@ class PreferenceTrainer:
                                 "captions) and may never become training data; evaluate with it (`diffalign eval ranking`)")
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker, project_dir=str(self.output_dir / "logs"))
         acc = self.accelerator
+        if acc.is_main_process:  # one run writes an output directory at a time (the other ranks are this run's own)
+            self.held.enter_context(directory_lock(self.output_dir, "train.output_dir"))
         if cfg.train.mixed_precision == "fp16" and acc.device.type == "cpu":
             raise TrainingError("train.mixed_precision = fp16 needs a GPU; on the CPU use 'no' or 'bf16'")
         check_validation_scorers(cfg, warn=acc.is_main_process)  # unknown validation scorers fail before anything loads
@@ -391,6 +395,10 @@ class PreferenceTrainer:
             print(f"diffalign train: step skipped: {why} ({self.skipped_steps} skipped so far)", flush=True)
 
     def train(self) -> TrainResult:
+        with self.held:  # the output directory is released when the run ends, however it ends
+            return self._train()
+
+    def _train(self) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
         samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         if acc.is_main_process:
@@ -441,40 +449,70 @@ class PreferenceTrainer:
         return ident
 
     def save_checkpoint(self) -> Path | None:
-        """Stage every file, commit with a marker written last, prune only after the commit."""
+        """Stage every file, commit with a marker written last, prune only after the commit. A write that fails on any
+        process (read-only or full disk, an I/O error) fails the save everywhere with a `CheckpointError` naming the
+        path and the rank: nothing is committed and the previous checkpoint stays as it was."""
         acc = self.accelerator
         staging = ckpt.staging_path(self.checkpoint_root, self.step)
-        if acc.is_main_process:
-            ckpt.stage(self.checkpoint_root, self.step)
+        error = None
+        try:
+            if acc.is_main_process:
+                ckpt.stage(self.checkpoint_root, self.step)
+        except OSError as e:
+            error = e
         acc.wait_for_everyone()
+        if error is None:
+            try:
+                self._write_checkpoint_files(staging)
+            except OSError as e:
+                error = e
+        self._all_saved(error, staging)
+        committed = None
+        try:
+            if acc.is_main_process:
+                protect = [self.resumed_from] if self.resumed_from else []
+                committed = ckpt.commit(self.checkpoint_root, self.step, staging, self.cfg.train.keep_last, protect=protect)
+        except OSError as e:
+            error = e
+        self._all_saved(error, staging)
+        return committed
+
+    def _write_checkpoint_files(self, staging: Path) -> None:
+        acc = self.accelerator
         torch_save(staging / f"rng-rank{acc.process_index}.pt", _rng_state())
+        ckpt.fault_point(f"checkpoint.write.rank{acc.process_index}")  # the kill tests' one dead rank
         if self.feed is not None:  # the rollout round in progress, this process's share
             self.feed.save(staging, self.step)
-        committed = None
-        if acc.is_main_process:
-            unet = acc.unwrap_model(self.unet)
-            save_safetensors(staging / "trainable.safetensors", trainable_state_dict(unet))
-            ckpt.fault_point("checkpoint.write")
-            torch_save(staging / "optimizer.pt", self.optimizer.state_dict())
-            torch_save(staging / "lr_schedule.pt", self.lr_schedule.state_dict())
-            if self.ema is not None:
-                torch_save(staging / "ema.pt", self.ema.state_dict())
-            if self.teacher is not None:
-                save_safetensors(staging / "teacher.safetensors", self.teacher.state_dict())
-            scaler = getattr(acc, "scaler", None)
-            if scaler is not None:
-                torch_save(staging / "scaler.pt", scaler.state_dict())
-            ckpt.fault_point("checkpoint.write")
-            state = {"step": self.step, "micro_batch": self.micro_batch, "skipped_steps": self.skipped_steps,
-                     "skips_in_a_row": self.skips_in_a_row, "identity": self._identity()}
-            atomic_write_text(staging / "state.json", json.dumps(state, indent=2))
-            atomic_write_text(staging / "config.yaml", dump_config(self.cfg))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            protect = [self.resumed_from] if self.resumed_from else []
-            committed = ckpt.commit(self.checkpoint_root, self.step, staging, self.cfg.train.keep_last, protect=protect)
-        acc.wait_for_everyone()
-        return committed
+        if not acc.is_main_process:
+            return
+        unet = acc.unwrap_model(self.unet)
+        save_safetensors(staging / "trainable.safetensors", trainable_state_dict(unet))
+        ckpt.fault_point("checkpoint.write")
+        torch_save(staging / "optimizer.pt", self.optimizer.state_dict())
+        torch_save(staging / "lr_schedule.pt", self.lr_schedule.state_dict())
+        if self.ema is not None:
+            torch_save(staging / "ema.pt", self.ema.state_dict())
+        if self.teacher is not None:
+            save_safetensors(staging / "teacher.safetensors", self.teacher.state_dict())
+        scaler = getattr(acc, "scaler", None)
+        if scaler is not None:
+            torch_save(staging / "scaler.pt", scaler.state_dict())
+        ckpt.fault_point("checkpoint.write")
+        state = {"step": self.step, "micro_batch": self.micro_batch, "skipped_steps": self.skipped_steps,
+                 "skips_in_a_row": self.skips_in_a_row, "identity": self._identity()}
+        atomic_write_text(staging / "state.json", json.dumps(state, indent=2))
+        atomic_write_text(staging / "config.yaml", dump_config(self.cfg))
+
+    def _all_saved(self, error: OSError | None, staging: Path) -> None:
+        """Raise on every process if the save failed on any (every process takes part, so none waits forever)."""
+        acc = self.accelerator
+        failed = acc.gather(torch.tensor([int(error is not None)], device=acc.device)).nonzero().flatten().tolist()
+        if not failed:
+            return
+        previous = ckpt.latest(self.checkpoint_root) if self.checkpoint_root.is_dir() else None
+        what = f"{getattr(error, 'filename', None) or staging}: {error.strerror or error}" if error is not None else "see that rank's error"
+        raise ckpt.CheckpointError(f"checkpoint of step {self.step} not saved: rank {', '.join(map(str, failed))} could not write it "
+                              f"({what}); nothing was committed" + (f", {previous} is intact" if previous else ""))
 
     def resume(self) -> Path | None:
         """Load the checkpoint named by `train.resume` ('latest' = newest committed; none yet = fresh start)."""
@@ -496,8 +534,7 @@ class PreferenceTrainer:
                 "soft labels, so the resumed run would see other items in another order; start a new run (another "
                 "train.output_dir, or train.resume=null)"
             )
-        mine = self._identity()
-        diffs = [f"{k} (checkpoint {state['identity'].get(k)!r}, config {v!r})" for k, v in mine.items() if state["identity"].get(k) != v]
+        diffs = _identity_diffs(state["identity"], self._identity())
         if diffs:
             raise TrainingError(f"cannot resume from {path}: the run differs in " + "; ".join(diffs))
         unet = self.accelerator.unwrap_model(self.unet)
@@ -589,8 +626,9 @@ class PreferenceTrainer:
 def train(cfg: Config, components: Components | None = None) -> TrainResult:
     """Prepare the cache if needed, train, checkpoint, export. The library entry point of `diffalign train`."""
     trainer = PreferenceTrainer(cfg)
-    trainer.setup(components)
-    return trainer.train()
+    with trainer.held:  # the output directory's lock, taken in setup (released here if setup fails)
+        trainer.setup(components)
+        return trainer.train()
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -609,6 +647,18 @@ def load_ema(ema, state: dict, device: torch.device) -> None:
     the loaded tensors where they were read, and its next `step` would mix devices."""
     ema.load_state_dict(state)
     ema.to(device=device)
+
+
+def _identity_diffs(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """'key (checkpoint a, config b)' for every leaf where a checkpoint's identity and this run's differ."""
+    out = []
+    for key in sorted(set(saved) | set(now), key=str):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _identity_diffs(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} (checkpoint {a!r}, config {b!r})")
+    return out
 
 
 def _changed_settings(saved: dict, now: dict, prefix: str = "") -> list[str]:

@@ -315,6 +315,65 @@ def test_mismatched_cache_is_refused_naming_the_field(tmp_path, demo_parquet, sd
     check_cache(_cfg(tmp_path / "cache", _pickapic(demo_parquet), max_items=6, ties="keep", time_ids="fixed", caption_dropout=0.1))
 
 
+# every key input of the cache identity, changed alone: the change that makes it differ -> the field named in the refusal
+_KEY_INPUT_CHANGES = {
+    "model.pretrained": {"model": {"pretrained": "builtin:tiny-sd15"}},
+    "model.revision": {"model": {"revision": "v2"}},
+    "model.variant": {"model": {"variant": "fp16"}},
+    "model.vae": {"model": {"vae": "org/another-vae"}},
+    "model.weights": {"vae_bytes": b"another vae"},
+    "data.resolution": {"resolution": 16},
+    "data.resize": {"resize": "official"},
+    "data.crop": {"crop": "random"},
+    "data.random_flip": {"random_flip": True},
+    "data.flip_at": {"random_flip": True, "flip_at": "train"},
+    "data.pairing": {"pairing": "per_image"},
+    "data.seed": {"seed": 7},
+    "data.latent_dtype": {"latent_dtype": "float32"},
+    "data.max_items": {"max_items": 5},
+    "data.source.kind": {"source": "folder"},
+    "data.source.digest": {"source": "other parquet"},
+}
+
+
+def test_every_key_input_of_the_cache_is_checked(tmp_path, demo_parquet, sdxl):
+    """Our adaptation of per-entry cache invalidation: a cache is refused whole when any key input differs, and the
+    refusal names that input. The table above must cover every field of the identity (format_version: see
+    test_data_synthetic's old-format test). The model is a local folder, so its refs and files can change."""
+    from diffalign.data.manifest import expected_identity
+
+    model = tmp_path / "model"
+    (model / "vae").mkdir(parents=True)
+    (model / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"the vae")
+    images = tmp_path / "imgs"
+    images.mkdir()
+    _ramp(32, 32).save(images / "a.png")
+    _ramp(32, 32, 1).save(images / "b.png")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"caption": "x", "images": ["a.png", "b.png"], "label": 0}) + "\n")
+    sources = {
+        None: _pickapic(demo_parquet),
+        "folder": {"kind": "folder", "root": str(images), "jsonl": str(tmp_path / "p.jsonl")},
+        "other parquet": _pickapic(write_demo_parquet(tmp_path / "other.parquet", num_pairs=6, image_size=40, seed=9)),
+    }
+
+    def config(model_fields=None, source=None, **data):
+        data = {"source": sources[source], "cache_dir": str(tmp_path / "cache"), "resolution": RES, "shard_size": 8,
+                "max_items": 6, "random_flip": False, **data}
+        return validate_config({"model": {"pretrained": str(model), **(model_fields or {})}, "data": data})
+
+    prepare_cache(config(), sdxl, progress=False)  # the tiny SDXL's components, filed under the local folder's identity
+    assert set(_KEY_INPUT_CHANGES) | {"format_version"} >= set(expected_identity(config(), None))
+    for field, change in _KEY_INPUT_CHANGES.items():
+        change = dict(change)
+        vae_bytes = change.pop("vae_bytes", None)
+        if vae_bytes is not None:
+            (model / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(vae_bytes)
+        with pytest.raises(CacheMismatchError, match=f"{field}: cache has"):
+            check_cache(config(change.pop("model", None), **change))
+        (model / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"the vae")
+    check_cache(config())  # and the unchanged config still matches
+
+
 def load_sd15():
     return load_components(ModelConfig(pretrained="builtin:tiny-sd15"))
 

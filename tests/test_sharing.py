@@ -101,3 +101,46 @@ def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
     for name in ("a.json", "b.safetensors"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode, name
+
+
+def test_no_write_lands_outside_the_configured_directories(tmp_path, demo_parquet, monkeypatch):
+    """prepare, train, generate, score and compare write only under the directories they are given: the working
+    directory, HOME and the temporary directory stay empty, except matplotlib's own font cache (built once per user
+    by matplotlib on first import, as for any program that plots)."""
+    import json
+    import tempfile
+
+    from conftest import write_config
+
+    from diffalign.cli import main
+
+    outside = {name: tmp_path / name for name in ("cwd", "home", "tmp")}
+    for folder in outside.values():
+        folder.mkdir()
+    monkeypatch.chdir(outside["cwd"])
+    monkeypatch.setenv("HOME", str(outside["home"]))
+    monkeypatch.setenv("TMPDIR", str(outside["tmp"]))
+    monkeypatch.setattr(tempfile, "tempdir", str(outside["tmp"]))
+    given = tmp_path / "given"
+    given.mkdir()
+    cfg = tiny_config(given, parquet=demo_parquet, pretrained="builtin:tiny-sd15")
+    config = write_config(given / "run.yaml", cfg)
+    before = {p for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["prepare", str(config)]) == 0
+    assert main(["train", str(config)]) == 0
+    gen = ["generate", "--model", "builtin:toy", "--prompts", "a red circle on a white background", "--seeds", "0-1", "--steps", "2", "--no-progress"]
+    assert main([*gen, "--out", str(given / "images")]) == 0
+    assert main([*gen, "--out", str(given / "images2"), "--guidance-scale", "1"]) == 0
+    assert main(["score", str(given / "images"), "--scorers", "toy-checklist", "--out", str(given / "scores"), "--no-progress"]) == 0
+    assert main(["compare", str(given / "images"), str(given / "images2"), "--scorers", "toy-checklist",
+                 "--out", str(given / "cmp"), "--no-progress"]) == 0
+    written = {p for p in tmp_path.rglob("*") if p.is_file()} - before
+    allowed = [Path(cfg["data"]["cache_dir"]), Path(cfg["train"]["output_dir"]), given / "images", given / "images2",
+               given / "scores", given / "cmp"]
+    allowed.append(outside["home"] / ".cache" / "matplotlib")
+    # an --out of score/compare is a folder or a file stem (scores.csv, scores_summary.json beside it)
+    stray = sorted(str(p) for p in written
+                   if not any(p.is_relative_to(a) or (p.parent == a.parent and p.name.startswith((a.name + ".", a.name + "_")))
+                              for a in allowed))
+    assert not stray, json.dumps(stray, indent=1)
+    assert not any(outside["cwd"].iterdir()) and not any(outside["tmp"].iterdir())

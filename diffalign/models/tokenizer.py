@@ -9,10 +9,7 @@ file gives a `transformers.CLIPTokenizer` identical to ``openai/clip-vit-large-p
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
-import os
-import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -42,27 +39,20 @@ def _open_clip_bpe_path() -> Path:
 
 
 @lru_cache(maxsize=1)
-def clip_vocab_dir() -> str:
-    """vocab.json and merges.txt, written once per machine into the temp dir (keyed by the BPE file's hash)."""
-    bpe = _open_clip_bpe_path().read_bytes()
-    out = Path(tempfile.gettempdir()) / f"diffalign-clip-bpe-{hashlib.sha256(bpe).hexdigest()[:16]}"
-    if (out / "merges.txt").is_file():
-        return str(out)
-    lines = gzip.decompress(bpe).decode("utf-8").split("\n")
+def _clip_vocab_files() -> tuple[str, str]:
+    """The text of vocab.json and merges.txt, built once per process from open_clip's BPE file."""
+    lines = gzip.decompress(_open_clip_bpe_path().read_bytes()).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     symbols = _bytes_to_unicode()
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    staging = Path(tempfile.mkdtemp(prefix="diffalign-clip-bpe-staging-"))
-    (staging / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (staging / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    try:
-        os.replace(staging, out)  # atomic; another process may have won the race, which is fine
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(out)
+    return json.dumps({tok: i for i, tok in enumerate(vocab)}), "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
 
 
 def build_clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77) -> CLIPTokenizer:
     """A CLIP tokenizer with the real 49,408-token vocabulary (SD1.5 and SDXL's first encoder pad with
     ``<|endoftext|>``; SDXL's second encoder pads with ``!``)."""
-    return CLIPTokenizer.from_pretrained(clip_vocab_dir(), pad_token=pad_token, model_max_length=model_max_length)
+    vocab, merges = _clip_vocab_files()
+    with tempfile.TemporaryDirectory(prefix="diffalign-clip-bpe-") as folder:  # read at construction, then removed
+        (Path(folder) / "vocab.json").write_text(vocab, encoding="utf-8")
+        (Path(folder) / "merges.txt").write_text(merges, encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(folder, pad_token=pad_token, model_max_length=model_max_length)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from diffalign.data.errors import DataError
 from diffalign.scorers.base import Images, as_uint8_arrays, check_batch
 from diffalign.scorers.checklist import Checklist, ChecklistScorer, Question
 from diffalign.toy.scenes import BACKGROUNDS, COLOURS, SHAPES, parse_caption, shape_polygon
@@ -114,7 +115,7 @@ def measure(image: np.ndarray) -> Measurement:
     img = image.astype(np.float64)
     h, w, _ = img.shape
     if h != w:
-        raise ValueError(f"the toy checklist measures square images (the toy world's scenes), got {w}x{h}")
+        raise DataError(f"the toy checklist measures square images (the toy world's scenes), got {w}x{h}")
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     bg = np.median(border, axis=0)
     dist = np.linalg.norm(img - bg, axis=-1)
@@ -239,6 +240,12 @@ class ToyMeasurementBackend:
 
     def answer(self, images: Images, prompts: Sequence[str], questions: Sequence[Question]) -> torch.Tensor:
         check_batch(images, prompts)
+        for prompt in prompts:
+            try:
+                parse_caption(prompt)
+            except ValueError:
+                raise DataError(f"toy-checklist judges the toy world's images only, and {prompt!r} is not a toy caption "
+                                "('a [small|large] <colour> <shape> on a <background> background')") from None
         measured = [(measure(arr), p) for arr, p in zip(as_uint8_arrays(images), prompts)]  # once per image, not per question
         margins = [[margin(q.key, m, p) for q in questions] for m, p in measured]
         margins = torch.tensor(margins, dtype=torch.float64).reshape(len(margins), len(questions))

@@ -50,6 +50,16 @@ def test_hard_votes_tie_where_graded_answers_differ():
     assert QuestionVoteJudge(scorer, hard=False).prefer([0], [1], ["p"]).prob.item() == 1.0  # 0.9 beats 0.7 on one
 
 
+def test_a_vote_margin_ignores_small_graded_differences():
+    # answers a = 2p − 1: question 1 differs by 0.8 − 0.4 = 0.4, question 2 by 0.82 − 0.8 = 0.02
+    scorer = ChecklistScorer("three", CHECKLIST, FixedAnswers([[0.9, 0.9, 0.9], [0.7, 0.91, 0.9]]))
+    assert QuestionVoteJudge(scorer, hard=False).prefer([0], [1], ["p"]).prob.item() == 0.5  # one question each
+    with_margin = QuestionVoteJudge(scorer, hard=False, margin=0.1)
+    assert [w.item() for w in with_margin.question_wins([0], [1], ["p"])] == [1, 0]
+    assert with_margin.prefer([0], [1], ["p"]).prob.item() == 1.0
+    assert QuestionVoteJudge(scorer, hard=False, margin=0.5).prefer([0], [1], ["p"]).prob.item() == 0.5  # both below
+
+
 def test_the_toy_judges_are_antisymmetric_as_declared():
     scorer = toy_checklist_scorer()
     captions = ["a red circle on a white background", "a small blue square on a black background"]

@@ -301,7 +301,11 @@ class PrefGRPOMethod(GroupRollouts):
         "prefer",
         description="'prefer': the scorer's own P(a ≻ b); 'votes': a checklist scorer's question-by-question vote (the image that "
         "wins more questions, each won by a better yes / no verdict; `diffalign.scorers.checklist.QuestionVoteJudge`); "
-        "'graded_votes': the same vote, each question won by the higher yes-probability.",
+        "'graded_votes': the same vote, each question won by the higher yes-probability (by more than `vote_margin`).",
+    )
+    vote_margin: float = Field(
+        0.0, ge=0, lt=2, description="graded_votes: a question is won only when the two answers (a = 2p − 1 ∈ [−1, 1]) differ "
+        "by more than this; 0: any difference wins (ours, for the toy world: ignores trivial yes-probability differences).",
     )
     both_orders: Literal["auto", "always", "never"] = Field(
         "auto",

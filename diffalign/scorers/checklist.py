@@ -106,15 +106,17 @@ class QuestionVoteJudge:
     question and prefers the one that wins more questions, ignoring the weights (a tie when they win as many).
 
     A question is won by the image whose gated answer is better: with ``hard`` (default) the yes / no / does-not-apply
-    verdict, sign(a) ∈ {−1, 0, 1}, as a person ticking boxes would compare; otherwise the graded answer itself. So an
+    verdict, sign(a) ∈ {−1, 0, 1}, as a person ticking boxes would compare; otherwise the graded answer itself, and
+    then only a difference above ``margin`` (in answer units, a = 2p − 1) wins: a person sees a visible difference, not
+    a yes-probability of 0.94 against 0.93. So an
     image that fixes two minor questions beats one that fixes a single heavily weighted one, where the checklist's
     score says the opposite: win-rates from this judge differ from ranks of the score. P ∈ {0, ½, 1}, uncalibrated.
     """
 
     order_symmetric = True  # the questions are answered per image; the count comparison is antisymmetric
 
-    def __init__(self, checklist_scorer: ChecklistScorer, hard: bool = True):
-        self.checklist_scorer, self.hard = checklist_scorer, hard
+    def __init__(self, checklist_scorer: ChecklistScorer, hard: bool = True, margin: float = 0.0):
+        self.checklist_scorer, self.hard, self.margin = checklist_scorer, hard, margin
         self.name = f"{checklist_scorer.name}-votes"
 
     def question_wins(self, a: Images, b: Images, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +124,7 @@ class QuestionVoteJudge:
         va, vb = self.checklist_scorer.answers(a, prompts), self.checklist_scorer.answers(b, prompts)
         if self.hard:
             va, vb = torch.sign(va), torch.sign(vb)
-        return (va > vb).sum(-1), (vb > va).sum(-1)
+        return (va > vb + self.margin).sum(-1), (vb > va + self.margin).sum(-1)
 
     def prefer(self, a: Images, b: Images, prompts: Sequence[str]) -> Preference:
         wins_a, wins_b = self.question_wins(a, b, prompts)

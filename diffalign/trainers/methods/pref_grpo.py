@@ -41,7 +41,7 @@ class PrefGRPO(GroupPolicyGradient):
 
             if not isinstance(scorer, ChecklistScorer):
                 raise ValueError(f"method.judge_mode: {self.cfg.judge_mode} needs a checklist scorer; {self.cfg.judge!r} is not one")
-            return QuestionVoteJudge(scorer, hard=self.cfg.judge_mode == "votes")
+            return QuestionVoteJudge(scorer, hard=self.cfg.judge_mode == "votes", margin=self.cfg.vote_margin)
         return scorer
 
     def advantages(self, scorers, images, prompts, groups):

@@ -85,7 +85,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
     from diffalign.config import load_config
     from diffalign.data import prepare_cache
-    from diffalign.data.manifest import MANIFEST, read_json
+    from diffalign.data.manifest import MANIFEST, read_manifest
 
     path, overrides = _split(args.rest)
     cfg = load_config(path, overrides)
@@ -93,7 +93,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     out = prepare_cache(cfg)
     seconds = None if complete else time.perf_counter() - start
-    print("\n".join(_prepare_summary(out, read_json(out / MANIFEST), cfg.data.ties, seconds)))
+    print("\n".join(_prepare_summary(out, read_manifest(out), cfg.data.ties, seconds)))
 
 
 def _cmd_configs(args: argparse.Namespace) -> None:

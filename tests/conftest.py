@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+# The reliability tests' size: "ci" (default) or "full" (outside CI: 20 random kills per method, 2,000 fuzz examples
+# per reader, 40 killed scoring runs): DIFFALIGN_RELIABILITY=full pytest tests/test_random_kills.py tests/test_fuzz.py ...
+FULL_RELIABILITY = os.environ.get("DIFFALIGN_RELIABILITY", "ci") == "full"
+
 
 def tiny_config(tmp: Path, *, parquet: Path, pretrained: str = "builtin:tiny-sdxl", finetune: str = "lora", **sections) -> dict:
     """A small, fast config on the tiny pipelines; `sections` update the defaults per section."""

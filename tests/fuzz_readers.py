@@ -4,7 +4,9 @@ Each reader gets a valid file of its kind, then random bytes and mutations of it
 cut out or doubled, the safetensors header's length field and its JSON (dtypes, absurd shapes and offsets) rewritten.
 The only exceptions allowed out are diffalign's own (`diffalign.errors.USER_ERRORS`); the score journal must not raise
 at all (it starts over). Memory stays bounded by construction (header sizes and shapes are checked before anything
-is allocated): the run reports, per reader, how far the process's peak RSS rose while it was fuzzed.
+is allocated), and the process's address space is capped (4 GiB beyond what it maps at the start), so a reader that
+trusted an absurd header would fail here with MemoryError; the run reports, per reader, how far the process's peak RSS
+rose while it was fuzzed.
 
     python -m tests.fuzz_readers --examples 200     # the CI size (tests/test_fuzz.py runs this)
     python -m tests.fuzz_readers --examples 2000    # the full size, outside CI
@@ -246,11 +248,25 @@ def fuzz_config(f: Fuzz) -> None:
 READERS = {"io": fuzz_io, "checkpoint": fuzz_checkpoint, "cache": fuzz_cache, "folders": fuzz_folders, "config": fuzz_config}
 
 
+def _limit_memory(headroom_gib: float) -> None:
+    """Cap this process's address space at what it has mapped now plus `headroom_gib`: a reader that believed a
+    header's absurd size would fail with MemoryError (not one of ours: the fuzz fails) instead of swapping the machine."""
+    mapped = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                  if line.startswith("VmSize:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = mapped + int(headroom_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--examples", type=int, default=200, help="examples per reader")
     p.add_argument("--readers", default=",".join(READERS), help=f"comma-separated: {', '.join(READERS)}")
+    p.add_argument("--memory-headroom-gib", type=float, default=4.0,
+                   help="address space allowed beyond what is mapped at the start (Linux; 0: no limit)")
     args = p.parse_args(argv)
+    if args.memory_headroom_gib > 0 and Path("/proc/self/status").exists():
+        _limit_memory(args.memory_headroom_gib)
     work = Path(tempfile.mkdtemp(prefix="diffalign-fuzz-"))
     try:
         f = Fuzz(work, args.examples)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FULL_RELIABILITY
 from PIL import Image
 
 import diffalign.eval.folderscore as fs
@@ -241,7 +242,7 @@ def test_scoring_killed_anywhere_resumes_to_the_uninterrupted_tables(tmp_path, m
     batches = -(-len(records) // 2)
     real_load = fs._load_batch
     rng = random.Random(0)
-    for trial in range(10):
+    for trial in range(40 if FULL_RELIABILITY else 10):
         stem = tmp_path / f"t{trial}"
         done = 0
         for point in rng.sample(["score.batch", "score.mid_line"], 2)[: rng.randint(1, 2)]:  # one or two kills, then the end

@@ -5,7 +5,7 @@ bit-identical to an uninterrupted one (reliability item 1), for an offline metho
 Each run is forked from this process, which has already imported the libraries (a fresh `diffalign train` spends
 seconds importing), and trains on one thread so that every run computes bit for bit the same. The kill times are
 drawn from a seeded RNG over the uninterrupted run's duration. CI size: 2 kills per method; the full size (20 per
-method) is ``DIFFALIGN_KILL_TRIALS=20 pytest tests/test_random_kills.py``.
+method) is ``DIFFALIGN_RELIABILITY=full`` (docs/reliability.md); ``DIFFALIGN_KILL_TRIALS=N`` sets any number.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config, write_config
+from conftest import FULL_RELIABILITY, tiny_config, write_config
 
 from diffalign.cli import main
 from diffalign.io import load_safetensors, torch_load
 from diffalign.trainers import checkpoint as ckpt
 
-TRIALS = int(os.environ.get("DIFFALIGN_KILL_TRIALS", "2"))
+TRIALS = int(os.environ.get("DIFFALIGN_KILL_TRIALS", "20" if FULL_RELIABILITY else "2"))
 
 
 def _fork_train(argv: list[str]) -> int:

@@ -29,7 +29,6 @@ fork, never pickled), so the dataset works in DataLoader workers. Caption dropou
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from safetensors.torch import load_file
 from diffalign.config import DataConfig
 from diffalign.data.errors import CacheIncompleteError, CacheMismatchError, DataError
 from diffalign.data.identity import diff_identity
-from diffalign.data.manifest import MANIFEST, TEXT_EMPTY, format_error
+from diffalign.data.manifest import MANIFEST, TEXT_EMPTY, format_error, read_manifest
 from diffalign.data.pairing import item_ranks, trained_pairs
 from diffalign.data.scores import load_scores
 from diffalign.data.shards import fixed_lists, read_index, tensors_path
@@ -80,7 +79,7 @@ class LatentPairDataset(torch.utils.data.Dataset):
             manifest_path = self.root / MANIFEST
             if not manifest_path.is_file():
                 raise CacheIncompleteError(f"{self.root}: no complete latent cache here (manifest.json missing); run `diffalign prepare` first")
-            manifest = json.loads(manifest_path.read_text())
+            manifest = read_manifest(self.root)
         self.manifest = manifest
         err = format_error(self.manifest.get("format_version"), self.root, "the cache")
         if err is not None:

@@ -86,6 +86,29 @@ def read_json(path: Path) -> dict:
         raise CacheIncompleteError(f"{path}: unreadable ({e}); delete the cache directory and prepare it again") from None
 
 
+# the fields readers take from manifest.json, with their types: checked once when it is read
+_MANIFEST_FIELDS = {("identity",): dict, ("fingerprint",): str, ("counts", "shards"): int, ("counts", "items"): int,
+                    ("counts", "k"): int, ("counts", "skipped"): int, ("model", "family"): str, ("latents", "resolution"): int,
+                    ("skipped",): list}
+
+
+def read_manifest(root: Path) -> dict:
+    """The cache's manifest.json, its fields checked (a damaged one raises `CacheIncompleteError` naming the field)."""
+    path = Path(root) / MANIFEST
+    manifest = read_json(path)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return manifest  # another format: the caller's format check names the version
+    for keys, kind in _MANIFEST_FIELDS.items():
+        value = manifest
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
+            raise CacheIncompleteError(f"{path}: damaged ({'.'.join(keys)} is {value!r}, expected a "
+                                       f"{'non-negative integer' if kind is int else kind.__name__}); delete the cache "
+                                       "directory and prepare it again")
+    return manifest
+
+
 FORMAT_HISTORY = "version 2 added the index column `extra_scores` (raw per-scorer scores)"
 
 
@@ -126,7 +149,7 @@ def check_cache(cfg: Config, components: Components | None = None) -> dict:
     if not (root / MANIFEST).is_file():
         state = "is unfinished (no manifest.json; run prepare again to resume)" if (root / BUILD).is_file() else "does not exist"
         raise CacheIncompleteError(f"data.cache_dir: the latent cache at {root} {state}; run `diffalign prepare` first")
-    manifest = read_json(root / MANIFEST)
+    manifest = read_manifest(root)
     if not evaluation_only(cfg):
         refuse_evaluation_only(manifest, root)
     compare_identity(manifest.get("identity", {}), expected_identity(cfg, components, strict=False), root, "the cache")

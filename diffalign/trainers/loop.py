@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 
 from diffalign.config import Config, dump_config
 from diffalign.data import LatentPairDataset, prepare_cache
-from diffalign.data.manifest import MANIFEST, evaluation_only, read_json, refuse_evaluation_only
+from diffalign.data.manifest import evaluation_only, read_manifest, refuse_evaluation_only
 from diffalign.io import atomic_write_text, load_safetensors, save_safetensors, torch_load, torch_save
 from diffalign.locks import directory_lock
 from diffalign.models.init_from import start_from
@@ -230,7 +230,7 @@ class PreferenceTrainer:
         with acc.main_process_first():
             if acc.is_main_process:  # encodes on the GPU when there is one, then gives the encoders back
                 prepare_cache(cfg, self.components, progress=cfg.log.progress)  # builds, or verifies a complete cache once
-        self.manifest = read_json(Path(cfg.data.cache_dir) / MANIFEST)
+        self.manifest = read_manifest(Path(cfg.data.cache_dir))
         refuse_evaluation_only(self.manifest, cfg.data.cache_dir)  # held-out captions never become training data
         self.dataset = LatentPairDataset(cfg.data.cache_dir, cfg.data, manifest=self.manifest)
         if len(self.dataset) == 0:

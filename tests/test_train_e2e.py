@@ -133,7 +133,7 @@ def test_resume_refuses_a_changed_run(tmp_path, demo_parquet):
     trainer = PreferenceTrainer(load_config(cfg_path, ["train.resume=latest", "method.beta=1000"]))
     from diffalign.trainers.loop import TrainingError
 
-    with pytest.raises(TrainingError, match=r"method .*checkpoint .*5000.*config .*1000"):
+    with pytest.raises(TrainingError, match=r"method\.beta \(checkpoint 5000\.0, config 1000\.0\)"):
         trainer.setup()
 
 

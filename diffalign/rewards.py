@@ -181,11 +181,12 @@ def win_rate(outcomes: torch.Tensor) -> torch.Tensor:
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-8, clip: float | None = 5.0,
-                     unbiased: bool = True) -> torch.Tensor:
+                     unbiased: bool = True, std_normalize: bool = True) -> torch.Tensor:
     """A_i = clip((r_i − mean_g) / (std_g + eps), ±clip) over the images i of each group g (the same prompt), (N,).
 
     Pref-GRPO / DanceGRPO: ``torch.std`` (unbiased), eps 1e-8, advantages clipped to ±5 (`adv_clip_max`). `groups`
     holds a group id per image; every group needs at least 2 images. A group whose rewards all tie gets A = 0.
+    ``std_normalize=False``: A_i = r_i − mean_g (Dr. GRPO), no amplification of near-equal rewards.
     """
     rewards = rewards.to(torch.float64)
     if rewards.shape != groups.shape or rewards.ndim != 1:
@@ -196,7 +197,7 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1
         if int(mask.sum()) < 2:
             raise ValueError(f"group {int(gid)} has {int(mask.sum())} image: a group advantage needs at least 2")
         r = rewards[mask]
-        out[mask] = (r - r.mean()) / (r.std(unbiased=unbiased) + eps)
+        out[mask] = (r - r.mean()) / (r.std(unbiased=unbiased) + eps) if std_normalize else r - r.mean()
     return out.clamp(-clip, clip) if clip is not None else out
 
 

@@ -18,6 +18,32 @@ import yaml
 FULL_RELIABILITY = os.environ.get("DIFFALIGN_RELIABILITY", "ci") == "full"
 
 
+def fork_cli(argv: list[str], fault: str = "") -> int:
+    """Start `diffalign <argv>` in a forked child of this process (which has imported the libraries already: a fresh
+    command spends seconds importing) on one thread, so that runs compute bit for bit alike; return its pid. `fault`:
+    a ``DIFFALIGN_FAULT`` spec for the child (`diffalign.faults`)."""
+    import torch
+
+    from diffalign.cli import main
+
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            os.environ["DIFFALIGN_FAULT"] = fault
+            code = main(argv)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_exit(pid: int) -> int:
+    """The exit code of a forked child; minus the signal number if a signal ended it."""
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
 def tiny_config(tmp: Path, *, parquet: Path, pretrained: str = "builtin:tiny-sdxl", finetune: str = "lora", **sections) -> dict:
     """A small, fast config on the tiny pipelines; `sections` update the defaults per section."""
     cfg = {

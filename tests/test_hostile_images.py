@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import re
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FULL_RELIABILITY
+from conftest import FULL_RELIABILITY, fork_cli, wait_exit
 from PIL import Image
 
 import diffalign.eval.folderscore as fs
@@ -217,20 +216,6 @@ def test_prepare_skips_exactly_the_bad_items_with_reasons(tmp_path):
 
 # ------------------------------------------------------------------------------------------ SIGKILL during scoring
 
-def _score_in_child(argv: list[str], fault: str) -> int:
-    """Run `diffalign score` in a forked child (libraries already imported) that SIGKILLs itself at `fault`."""
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 1
-        try:
-            os.environ["DIFFALIGN_FAULT"] = fault
-            code = main(argv)
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-
-
 def test_scoring_killed_anywhere_resumes_to_the_uninterrupted_tables(tmp_path, monkeypatch):
     """SIGKILL at 10 seeded points (after a batch, or mid-line in the journal), each run resumed to the end: the tables
     equal the uninterrupted run's, the journal is gone, corrupt images are reported as in the uninterrupted run."""
@@ -249,7 +234,7 @@ def test_scoring_killed_anywhere_resumes_to_the_uninterrupted_tables(tmp_path, m
             if batches - done < 2:
                 break
             n = rng.randint(1, batches - done - 1)
-            code = _score_in_child([*args, "--out", str(stem)], f"{point}:{n}")
+            code = wait_exit(fork_cli([*args, "--out", str(stem)], f"{point}:{n}"))
             assert code == -signal.SIGKILL, (trial, point, n, code)
             assert journal_path(stem).is_file() and not Path(f"{stem}.csv").exists()
             done = journal_path(stem).read_bytes().count(b"\n") - 1  # complete batch lines

@@ -13,23 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config, write_config
+from conftest import fork_cli, tiny_config, wait_exit, write_config
 
 from diffalign.cli import main
 
 
 def _in_child(argv: list[str], fault: str) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            torch.set_num_threads(1)
-            os.environ["DIFFALIGN_FAULT"] = fault
-            code = main(argv)
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return wait_exit(fork_cli(argv, fault))
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -78,6 +78,10 @@ def test_pref_grpo_advantages_from_question_votes_by_hand():
     assert adv.tolist() == pytest.approx([0.0, 1.0, -1.0, 0.0, 1.0, -1.0], abs=1e-6)
     assert metrics["reward"].item() == pytest.approx((0.16 - 0.16 - 0.8) / 3, abs=1e-6)  # the checklist's own mean score
     assert metrics["win_rate_std"].item() == pytest.approx(0.5)
+    # method.std_normalize false: WR − ½
+    plain = build_method(load_config("toy/pref_grpo", ["method.judge=three", "method.judge_mode=votes", "method.std_normalize=false"]).method)
+    adv, _ = plain.advantages(scorers, images, ["p"] * 6, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert adv.tolist() == pytest.approx([0.0, 0.5, -0.5, 0.0, 0.5, -0.5], abs=1e-6)
 
 
 def test_grpo_advantages_are_group_normalised_scores():
@@ -91,6 +95,10 @@ def test_grpo_advantages_are_group_normalised_scores():
     assert metrics["reward"].item() == pytest.approx(0.25)
     with pytest.raises(ValueError, match="group 1 has 1 image"):
         method.advantages(scorers, images[:4], ["p"] * 4, torch.tensor([0, 0, 0, 1]))
+    # method.std_normalize false (Dr. GRPO): the centred scores themselves
+    plain = build_method(load_config("toy/grpo", ["method.rewards={one: 1.0}", "method.std_normalize=false"]).method)
+    adv, _ = plain.advantages(scorers, images, ["p"] * 6, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert adv.tolist() == pytest.approx([-0.5, 0.0, 0.5, -1.0, 0.0, 1.0], abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FULL_RELIABILITY, tiny_config, write_config
+from conftest import FULL_RELIABILITY, fork_cli, tiny_config, wait_exit, write_config
 
 from diffalign.cli import main
 from diffalign.io import load_safetensors, torch_load
@@ -28,35 +28,17 @@ from diffalign.trainers import checkpoint as ckpt
 TRIALS = int(os.environ.get("DIFFALIGN_KILL_TRIALS", "20" if FULL_RELIABILITY else "2"))
 
 
-def _fork_train(argv: list[str]) -> int:
-    """Start `diffalign train` in a forked child on one thread; return its pid."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            torch.set_num_threads(1)
-            code = main(["train", *argv])
-        finally:
-            os._exit(code)
-    return pid
-
-
-def _wait(pid: int) -> int:
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-
-
 def _run(argv: list[str]) -> float:
     started = time.perf_counter()
-    assert _wait(_fork_train(argv)) == 0
+    assert wait_exit(fork_cli(["train", *argv])) == 0
     return time.perf_counter() - started
 
 
 def _kill_after(argv: list[str], seconds: float) -> int:
-    pid = _fork_train(argv)
+    pid = fork_cli(["train", *argv])
     time.sleep(seconds)
     os.kill(pid, signal.SIGKILL)  # a child that has already finished is a zombie until waited on: no error
-    return _wait(pid)
+    return wait_exit(pid)
 
 
 def _final_state(out: Path) -> dict[str, torch.Tensor]:
@@ -104,7 +86,7 @@ def test_random_sigkills_resume_to_the_uninterrupted_run(tmp_path, demo_parquet,
         run = argv(f"killed{trial}")
         code = _kill_after(run, rng.uniform(0.1, 0.9) * duration)
         assert code == -signal.SIGKILL, f"trial {trial}: the run ended ({code}) before the kill"
-        while _wait(_fork_train(run)) != 0:  # resume until done (a crash would loop: fail instead)
+        while wait_exit(fork_cli(["train", *run])) != 0:  # resume until done (a crash would loop: fail instead)
             pytest.fail(f"trial {trial}: the resumed run failed")
         _assert_same(tmp_path / "straight", tmp_path / f"killed{trial}")
 

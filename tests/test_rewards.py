@@ -230,6 +230,15 @@ def test_group_advantages_by_hand():
         group_advantages(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 7]))
 
 
+def test_group_advantages_without_the_std_keep_near_ties_near_zero():
+    # Dr. GRPO: A = r − mean. A near-tied group (0.95, 0.96) stays at ±0.005 where the std would make it ±0.707
+    r = torch.tensor([0.95, 0.96, 0.2, 1.0], dtype=torch.float64)
+    g = torch.tensor([0, 0, 1, 1])
+    assert group_advantages(r, g, std_normalize=False).tolist() == pytest.approx([-0.005, 0.005, -0.4, 0.4])
+    half = 1 / math.sqrt(2)  # (r − mean) / unbiased std of two values is ±1/√2 whatever their gap
+    assert group_advantages(r, g).tolist() == pytest.approx([-half, half, -half, half], rel=1e-5)  # eps 1e-8 / std 0.007
+
+
 def test_weighted_advantages_and_batch_renormalisation_by_hand():
     adv = {"wr": torch.tensor([1.0, -1.0]), "clip": torch.tensor([2.0, 0.0])}
     w = {"wr": 0.7, "clip": 1.4}  # the paper-era Pref-GRPO mix

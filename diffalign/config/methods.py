@@ -250,6 +250,12 @@ class GroupRollouts(Rollouts):
     ignore_last: bool = Field(True, description="Never train the last step, whose σ is tiny (Pref-GRPO --ignore_last; DanceGRPO SD trains 49 of 50).")
     clip_range: float = Field(1e-4, gt=0, description="ε of the ratio clip [1-ε, 1+ε] (DDPO, DanceGRPO, Pref-GRPO: 1e-4).")
     adv_clip: float = Field(5.0, gt=0, description="Advantages clipped to ±adv_clip (all three: 5).")
+    std_normalize: bool = Field(
+        True,
+        description="Divide each group's centred rewards by their std (all three). false: A = r − mean, as Dr. GRPO (Liu et al. "
+        "2025, arXiv:2503.20783), so a group whose rewards barely differ gets a near-zero advantage instead of ±1 (the "
+        "illusory advantage's amplification); the advantage then has the reward's scale.",
+    )
     kl_beta: float = Field(
         0.0, ge=0,
         description="Weight of the closed-form KL to the reference, mean((μ_θ - μ_ref)²)/(2σ²) per step (Pref-GRPO kl_beta, default 0; "

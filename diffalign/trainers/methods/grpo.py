@@ -137,12 +137,13 @@ class GRPO(GroupPolicyGradient):
             if reference is None:
                 raise ValueError("method.combine = lsc needs each prompt's reference rewards")
             total = sum(w * log_sigmoid_centered(scores[k], reference[k]) for k, w in cfg.rewards.items())
-            adv = group_advantages(total, groups, clip=None)
+            adv = group_advantages(total, groups, clip=None, std_normalize=cfg.std_normalize)
         elif cfg.combine == "sum":
             total = sum(w * scores[k] for k, w in cfg.rewards.items())
-            adv = group_advantages(total, groups, clip=None)
+            adv = group_advantages(total, groups, clip=None, std_normalize=cfg.std_normalize)
         else:
-            adv = weighted_advantages({k: group_advantages(v, groups, clip=None) for k, v in scores.items()}, cfg.rewards)
+            per_reward = {k: group_advantages(v, groups, clip=None, std_normalize=cfg.std_normalize) for k, v in scores.items()}
+            adv = weighted_advantages(per_reward, cfg.rewards)
         if cfg.renormalize:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         metrics = {"reward": sum(w * scores[k] for k, w in cfg.rewards.items()).mean()}

@@ -54,10 +54,10 @@ class PrefGRPO(GroupPolicyGradient):
             p = preference_matrix(lambda a, b, pr: judge.prefer(a, b, pr).prob, images[rows], prompts[int(rows[0])],
                                   order_symmetric=symmetric)
             wr[rows] = win_rate(win_outcomes(p, cfg.win_rule, cfg.tie_band))
-        parts, weights = {"win_rate": group_advantages(wr, groups, clip=None)}, {"win_rate": cfg.win_rate_weight}
+        parts, weights = {"win_rate": group_advantages(wr, groups, clip=None, std_normalize=cfg.std_normalize)}, {"win_rate": cfg.win_rate_weight}
         extra = pointwise_scores(scorers, cfg.extra_rewards, images, prompts) if cfg.extra_rewards else {}
         for name, score in extra.items():
-            parts[name], weights[name] = group_advantages(score, groups, clip=None), cfg.extra_rewards[name]
+            parts[name], weights[name] = group_advantages(score, groups, clip=None, std_normalize=cfg.std_normalize), cfg.extra_rewards[name]
         adv = weighted_advantages(parts, weights, renormalize=cfg.renormalize)
         # the win-rate's mean is ½ by construction: the judge's own score says whether the images improve
         judged = extra[cfg.judge] if cfg.judge in extra else pointwise_scores(scorers, [cfg.judge], images, prompts)[cfg.judge]

@@ -70,7 +70,8 @@ def _offline(tmp_path: Path, demo_parquet: Path, out: str, **train) -> list[str]
 
 
 def _online(tmp_path: Path, out: str, checkpoint_every: int = 1) -> list[str]:
-    return ["toy/pref_grpo", "method.group_size=4", "method.groups_per_round=2", "method.sampling_steps=4", "train.batch_size=4",
+    return ["toy/pref_grpo", "method.group_size=4", "method.groups_per_round=2", "method.sampling_steps=4",
+            "train.batch_size=4", "train.grad_accum=1",
             "train.max_steps=6", f"train.checkpoint_every={checkpoint_every}", "train.keep_last=2", "train.resume=latest",
             "log.progress=false", f"train.output_dir={tmp_path / out}"]
 

@@ -99,6 +99,11 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 def _cmd_configs(args: argparse.Namespace) -> None:
     from diffalign.config import shipped_config_path, shipped_configs
 
+    if args.reference:
+        from diffalign.config.reference import config_reference
+
+        print(config_reference(), end="")
+        return
     for name in shipped_configs():
         print(f"{name:24s} {shipped_config_path(name)}")
 
@@ -423,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs="*", metavar="CONFIG [key=value ...]", help=REST_HELP)
     p.set_defaults(fn=_cmd_config_show)
     p = sub.add_parser("configs", help="list the shipped recipes")
+    p.add_argument("--reference", action="store_true", help="print every config key with its type, default and description (markdown)")
     p.set_defaults(fn=_cmd_configs)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     text = "train methods on the toy world and report win-rates against the base model"

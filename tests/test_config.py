@@ -474,3 +474,39 @@ def test_round_trip_keeps_overridden_values(tmp_path):
     assert again == cfg
     assert again.data.time_ids == "fixed" and again.optim.max_grad_norm is None
     assert math.isclose(again.method.beta, 2000)
+
+
+def test_config_reference_page_is_generated_from_the_schema():
+    """docs/config_reference.md is exactly what `diffalign configs --reference` prints, so it cannot drift."""
+    from diffalign.config.reference import config_reference
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "config_reference.md").read_text()
+    assert page == config_reference(), "docs/config_reference.md is stale: run `diffalign configs --reference > docs/config_reference.md`"
+
+
+def test_config_reference_lists_every_key_of_every_method_and_source():
+    """Every field of every section, method and data source appears as a dotted key, with its bounds and default."""
+    from diffalign.config import METHOD_CONFIGS, SOURCE_CONFIGS
+    from diffalign.config.reference import config_reference, type_name
+
+    page = config_reference()
+
+    def keys(model: type[BaseModel], prefix: str, skip: str | None = None):
+        for name, info in model.model_fields.items():
+            if name == skip:
+                continue
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                yield from keys(info.annotation, f"{prefix}.{name}")
+            elif name not in ("method", "source"):
+                yield f"{prefix}.{name}"
+
+    expected = {k for section in ("model", "data", "optim", "train", "log", "eval") for k in keys(Config.model_fields[section].annotation, section)}
+    expected |= {k for cls in METHOD_CONFIGS.values() for k in keys(cls, "method", skip="name")}
+    expected |= {k for cls in SOURCE_CONFIGS for k in keys(cls, "data.source", skip="kind")}
+    missing = [k for k in sorted(expected) if f"| `{k}` |" not in page]
+    assert not missing, missing
+    for name in METHOD_CONFIGS:
+        assert f"### `method.name: {name}`" in page
+    assert "| `model.lora.rank` | int (≥ 1) | 8 |" in page
+    assert "| `method.noise_rate` | float (≥ 0, < 0.5) | 0.0 |" in page
+    assert type_name(int | None) == "int | null"

@@ -97,15 +97,26 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_configs(args: argparse.Namespace) -> None:
-    from diffalign.config import shipped_config_path, shipped_configs
+    from diffalign.config import ConfigError, shipped_config_path, shipped_configs
+    from diffalign.config.loading import shipped_accelerate_configs
 
     if args.reference:
         from diffalign.config.reference import config_reference
 
         print(config_reference(), end="")
         return
+    if args.path:
+        path = shipped_config_path(args.path) or shipped_accelerate_configs().get(args.path.removesuffix(".yaml"))
+        if path is None:
+            raise ConfigError(f"no shipped config named {args.path!r}; `diffalign configs` lists them")
+        print(path)
+        return
+    print("recipes (diffalign train NAME):")
     for name in shipped_configs():
-        print(f"{name:24s} {shipped_config_path(name)}")
+        print(f"  {name:24s} {shipped_config_path(name)}")
+    print("accelerate configs (accelerate launch --config_file PATH -m diffalign train NAME):")
+    for name, path in shipped_accelerate_configs().items():
+        print(f"  {name:24s} {path}")
 
 
 def _cmd_toy_pretrain(args: argparse.Namespace) -> None:
@@ -427,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = config.add_parser("show", help=text, description=text)
     p.add_argument("rest", nargs="*", metavar="CONFIG [key=value ...]", help=REST_HELP)
     p.set_defaults(fn=_cmd_config_show)
-    p = sub.add_parser("configs", help="list the shipped recipes")
+    p = sub.add_parser("configs", help="list the shipped recipes and accelerate configs")
     p.add_argument("--reference", action="store_true", help="print every config key with its type, default and description (markdown)")
+    p.add_argument("--path", metavar="NAME", help="print the file of one shipped recipe or accelerate config, e.g. accelerate/multi_gpu")
     p.set_defaults(fn=_cmd_configs)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     text = "train methods on the toy world and report win-rates against the base model"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import config_header
+from conftest import config_header, run_cli
 from pydantic import BaseModel
 
 from diffalign.config import (
@@ -30,10 +30,12 @@ from diffalign.config import (
     shipped_configs,
     validate_config,
 )
+from diffalign.config.loading import shipped_accelerate_configs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
-CONFIG_FILES = sorted(CONFIG_DIR.rglob("*.yaml"))
+ACCELERATE_FILES = sorted((CONFIG_DIR / "accelerate").glob("*.yaml"))
+CONFIG_FILES = sorted(set(CONFIG_DIR.rglob("*.yaml")) - set(ACCELERATE_FILES))
 
 
 def _name(path: Path) -> str:
@@ -66,6 +68,27 @@ def test_shipped_set_contains_the_recipes():
 def test_every_file_under_configs_is_shipped():
     assert CONFIG_FILES, "no YAML under configs/"
     assert {_name(p) for p in CONFIG_FILES} == set(shipped_configs())
+    assert {_name(p) for p in ACCELERATE_FILES} == set(shipped_accelerate_configs()) == {
+        "accelerate/single_gpu", "accelerate/multi_gpu", "accelerate/multi_node"}
+
+
+@pytest.mark.parametrize("path", ACCELERATE_FILES, ids=lambda p: p.name)
+def test_shipped_accelerate_config_is_read_by_accelerate(path):
+    """accelerate's own reader takes each file; precision stays with train.mixed_precision; every key is commented."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.mixed_precision == "no"
+    assert config.distributed_type == ("NO" if path.stem == "single_gpu" else "MULTI_GPU")
+    assert (config.num_processes, config.num_machines) == {"single_gpu": (1, 1), "multi_gpu": (8, 1), "multi_node": (16, 2)}[path.stem]
+    text = path.read_text()
+    assert text.startswith("# accelerate config:") and "# Run" in text
+    assert run_cli("configs", "--path", _name(path)).stdout.strip() == str(shipped_accelerate_configs()[_name(path)])
+
+
+def test_accelerate_configs_are_not_recipes():
+    result = run_cli("train", "accelerate/multi_gpu", "--dry-run")
+    assert result.returncode != 0 and "accelerate launcher config, not a recipe" in result.stderr
 
 
 @pytest.mark.parametrize("name", shipped_configs())

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny_config, write_config
 
+from diffalign.config.loading import shipped_accelerate_configs
 from diffalign.io import load_safetensors
 
 
@@ -30,9 +31,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, demo
     one = run_cli("train", str(single))
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+    launch = [  # the shipped DDP config, as README's "several GPUs" command (ACCELERATE_USE_CPU: gloo on the CPU)
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(shipped_accelerate_configs()["accelerate/multi_gpu"]),
+        "--num_processes", "2", "--main_process_port", str(_free_port()),
         "-m", "diffalign", "train", str(double),
     ]
     two = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)

@@ -121,6 +121,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         shipped = shipped_config_path(str(path))
         if shipped is None:
+            launcher = shipped_accelerate_configs().get(str(path).removesuffix(".yaml"))
+            if launcher is not None:
+                raise ConfigError(f"{path} is an accelerate launcher config, not a recipe: accelerate launch --config_file {launcher} "
+                                  "-m diffalign train RECIPE")
             raise ConfigError(f"config file not found: {path}")
         path = shipped
     try:
@@ -137,16 +141,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate_config(data, origin=str(path) if path else "<defaults>")
 
 
+ACCELERATE_DIR = "accelerate"  # accelerate launcher configs shipped beside the recipes (not diffalign configs)
+
+
+def _shipped(accelerate: bool = False) -> dict[str, Path]:
+    """Shipped YAML files by name: the recipes, or (``accelerate``) the accelerate launcher configs under accelerate/."""
+    root = Path(str(resources.files("diffalign.configs")))
+    files = {str(p.relative_to(root).with_suffix("")): p for p in sorted(root.rglob("*.yaml"))}
+    return {n: p for n, p in files.items() if n.startswith(f"{ACCELERATE_DIR}/") == accelerate}
+
+
 def shipped_configs() -> list[str]:
     """Names of the recipes shipped as package data (`diffalign.configs`), e.g. 'sdxl_dpo', 'toy/dpo'."""
-    root = Path(str(resources.files("diffalign.configs")))
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return sorted(_shipped())
+
+
+def shipped_accelerate_configs() -> dict[str, Path]:
+    """The shipped `accelerate launch --config_file` files by name, e.g. 'accelerate/multi_gpu' -> its path."""
+    return _shipped(accelerate=True)
 
 
 def shipped_config_path(name: str) -> Path | None:
     """The file of a shipped recipe name ('sdxl_dpo', 'toy/dpo'), or None."""
     stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
-    return (Path(str(resources.files("diffalign.configs"))) / f"{stem}.yaml") if stem in shipped_configs() else None
+    return _shipped().get(stem)
 
 
 def dump_config(cfg: Config) -> str:

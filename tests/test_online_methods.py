@@ -178,11 +178,14 @@ def test_online_settings_that_cannot_work_are_refused(tmp_path, capsys):
 
 
 def test_dense_online_keeps_trajectories_evenly_spread_in_reward_rank():
-    method = build_method(load_config("toy/dense_online").method)  # G = 8, keep 4
+    method = build_method(load_config("toy/dense_online", ["method.keep=4"]).method)  # G = 8, keep 4
     values = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4] + [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
     kept = method.plan(_Rows(16), values, 0, 0)["kept"]  # two groups of 8 trajectories
     # sorted best first: group 0 -> rows 1, 6, 4, 2, 7, 3, 5, 0; ranks linspace(0, 7, 4).round() = 0, 2, 5, 7
     assert kept.tolist() == [[1, 4, 3, 0], [15, 13, 10, 8]]
+    # the toy recipe's keep 2: the best and the worst of each group
+    best_worst = build_method(load_config("toy/dense_online").method).plan(_Rows(16), values, 0, 0)["kept"]
+    assert best_worst.tolist() == [[1, 0], [15, 8]]
 
 
 class _Rows:

@@ -339,7 +339,8 @@ _DEVIATION = re.compile(r"^#\s{3,}([a-z_]+(?:\.[a-z_0-9]+)+):", re.M)
 
 
 def _shipped() -> dict[str, Path]:
-    return {p.relative_to(CONFIGS).with_suffix("").as_posix(): p for p in sorted(CONFIGS.rglob("*.yaml"))}
+    """The recipes (the accelerate launcher configs under configs/accelerate/ are not recipes)."""
+    return {n: p for p in sorted(CONFIGS.rglob("*.yaml")) if not (n := p.relative_to(CONFIGS).with_suffix("").as_posix()).startswith("accelerate/")}
 
 
 def _declared_deviations(header: str) -> list[str]:

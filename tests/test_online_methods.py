@@ -264,6 +264,45 @@ def test_tailorpo_g_pushes_the_winner_up_a_differentiable_reward(fresh_accelerat
         checklist._push(feed, models, x, t_prev, cond, uncond, prompts, 4, reward)
 
 
+def test_tailorpo_lookahead_reward_is_the_deterministic_ddim_continuation(fresh_accelerate_state):
+    """lookahead_steps over every remaining level = the child's plain DDIM (η = 0) continuation on the rollout grid,
+    computed here step by step; lookahead_steps 1 = the one-step x̂0 of the paper (Eq. 12; ᾱ = 1 after the last step)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from diffalign.config import ModelConfig
+    from diffalign.diffusion import ddim_step
+    from diffalign.models.loading import encode_prompts, load_components
+    from diffalign.trainers.batch import Cond
+    from diffalign.trainers.models import Models, Schedule
+    from diffalign.trainers.rollout import SamplingGrid, guided_prediction
+
+    c = load_components(ModelConfig(pretrained="builtin:tiny-sd15"))
+    models = Models(c.unet, Accelerator(cpu=True), Schedule(c.scheduler.alphas_cumprod.float(), c.prediction_type), torch.float32,
+                    lora=False, frozen_reference=c.unet)
+    grid = SamplingGrid.from_scheduler(c.scheduler, 10)
+    prompts = ["a red circle on a white background"] * 2
+    cond, uncond = Cond(encode_prompts(c, prompts)[0]), Cond(encode_prompts(c, [""] * 2)[0])
+    feed = SimpleNamespace(grid=grid, components=c, scorers={"bright": _Brightness()})
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    k = 5  # the child sits at level prev_timesteps[5]; the chain's steps 6..9 remain
+    with torch.no_grad():
+        want = x.clone()
+        for j in range(k + 1, grid.steps):
+            eps = guided_prediction(models.policy, want, grid.timesteps[j].reshape(1), cond, uncond, 3.0)
+            want = ddim_step(eps, want, grid.timesteps[j], grid.prev_timesteps[j], grid.alphas_cumprod, grid.prediction_type,
+                             grid.final_alpha_cumprod)
+        full = _tailorpo("method.lookahead_steps=4", "method.cfg_scale=3.0")._lookahead(feed, models, x, grid.prev_timesteps[k], cond, uncond)
+        torch.testing.assert_close(full, want)
+        assert not torch.allclose(_tailorpo("method.lookahead_steps=2", "method.cfg_scale=3.0")._lookahead(
+            feed, models, x, grid.prev_timesteps[k], cond, uncond), want)  # a coarser sub-grid is another path
+        one, paper = (_tailorpo(*o, "method.reward=bright", "method.cfg_scale=3.0") for o in (["method.lookahead_steps=1"], []))
+        t_prev = grid.prev_timesteps[k]
+        torch.testing.assert_close(one._reward(feed, models, x, t_prev, cond, uncond, prompts),
+                                   paper._reward(feed, models, x, t_prev, cond, uncond, prompts))
+
+
 def test_grpo_lsc_combines_rewards_as_a_logical_and():
     """Two scorers, references (0, 0): image 0 is good on both (0.5, 0.5), image 1 excellent on one and bad on the other
     (3.5, −2): the plain sum prefers image 1 (1.5 > 1), the LSC sum image 0."""

@@ -383,6 +383,13 @@ class TailorPOMethod(Rollouts, PairwiseLabel):
         "winner", description="Which child continues the chain: the winner (paper, greedy) or a random one (SPO).")
     x0_from: Literal["policy", "reference"] = Field(
         "policy", description="The network whose x̂0 of each child is scored (paper: unstated; its notation suggests the policy).")
+    lookahead_steps: int = Field(
+        0, ge=0,
+        description="0: a child's step-wise reward is the reward of its one-step x̂0 (paper, Eq. 12). N > 0 (ours): of the image "
+        "the child reaches by N deterministic DDIM steps (η = 0, `x0_from`'s network, the rollout's CFG) on an evenly spaced "
+        "sub-grid of the remaining levels, costing N guided forwards per child. On the toy world the one-step x̂0 orders "
+        "the children at the noisy steps no better than chance (benchmarks/tailorpo_step_reward.py).",
+    )
     untrained_steps: Literal["sample", "deterministic"] = Field(
         "sample", description="The other steps: one stochastic child (ours; the paper does not say) or deterministic DDIM.")
     reward: str = Field("aesthetic", description="Scorer of the children's x̂0 (paper: one model per reward: aesthetic, ImageReward, "

@@ -85,11 +85,29 @@ class TailorPO:
 
     # ------------------------------------------------------------------------------------------ rollouts
 
+    def _lookahead(self, feed, models, x: torch.Tensor, t_prev: torch.Tensor, cond, uncond) -> torch.Tensor:
+        """The x0 that latents x at level t_prev reach by `lookahead_steps` deterministic DDIM steps on an evenly spaced
+        sub-grid of the remaining levels (t_prev first, then down to the end)."""
+        grid, cfg = feed.grid, self.cfg
+        levels = torch.cat([t_prev.reshape(1), grid.prev_timesteps[grid.prev_timesteps < t_prev]])
+        levels = levels[levels >= 0]
+        picks = levels[torch.linspace(0, len(levels) - 1, min(cfg.lookahead_steps, len(levels))).round().long()]
+        net = models.reference if cfg.x0_from == "reference" else models.policy
+        alphas = grid.alphas_cumprod.to(x.device)
+        for i, t in enumerate(picks):
+            after = picks[i + 1] if i + 1 < len(picks) else torch.tensor(-1)
+            eps = guided_prediction(net, x, t.reshape(1), cond, uncond, cfg.cfg_scale)
+            x = ddim_step(eps, x, t, after, alphas, grid.prediction_type, grid.final_alpha_cumprod)
+        return x
+
     def _reward(self, feed, models, x: torch.Tensor, t_prev: torch.Tensor, cond, uncond, prompts, grad: bool = False):
-        """r(c, x̂0(x)) of latents x at level t_prev (−1: x is already x0); with `grad`, differentiable in x."""
+        """r(c, x̂0(x)) of latents x at level t_prev (−1: x is already x0); with `grad`, differentiable in x. With
+        `lookahead_steps`, x̂0 is where x leads by that many deterministic DDIM steps instead."""
         grid, cfg = feed.grid, self.cfg
         if int(t_prev) < 0:
             x0 = x
+        elif cfg.lookahead_steps and not grad:
+            x0 = self._lookahead(feed, models, x, t_prev, cond, uncond)
         else:
             net = models.reference if cfg.x0_from == "reference" else models.policy
             eps = guided_prediction(net, x, t_prev.reshape(1), cond, uncond, cfg.cfg_scale)

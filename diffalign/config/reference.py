@@ -8,7 +8,6 @@ A test regenerates the page and compares it with the committed one, so the refer
 
 from __future__ import annotations
 
-import enum
 import types
 import typing
 from typing import Any, Literal, Union
@@ -55,8 +54,6 @@ def type_name(annotation: Any) -> str:
         return type_name(args[0])
     if origin is not None:
         return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return " | ".join(f'"{m.value}"' for m in annotation)
     return getattr(annotation, "__name__", str(annotation))
 
 

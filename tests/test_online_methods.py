@@ -233,7 +233,9 @@ class _Brightness:
         return {"overall": images.mean(dim=(1, 2, 3))}
 
 
-def test_tailorpo_g_pushes_the_winner_up_a_differentiable_reward(fresh_accelerate_state):
+def _tiny_sd15_feed(steps: int, n: int):
+    """A tiny SD1.5 as policy and reference, a DDIM grid of `steps`, n copies of one caption encoded: (models, feed,
+    cond, uncond, prompts); the feed scores with `_Brightness` ('bright') and the toy checklist."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
@@ -248,10 +250,16 @@ def test_tailorpo_g_pushes_the_winner_up_a_differentiable_reward(fresh_accelerat
     c = load_components(ModelConfig(pretrained="builtin:tiny-sd15"))
     models = Models(c.unet, Accelerator(cpu=True), Schedule(c.scheduler.alphas_cumprod.float(), c.prediction_type), torch.float32,
                     lora=False, frozen_reference=c.unet)
-    grid = SamplingGrid.from_scheduler(c.scheduler, 20)
-    prompts = ["a red circle on a white background"] * 4
-    cond, uncond = Cond(encode_prompts(c, prompts)[0]), Cond(encode_prompts(c, [""] * 4)[0])
-    feed = SimpleNamespace(grid=grid, components=c, scorers={"bright": _Brightness(), "toy-checklist": toy_checklist_scorer()})
+    prompts = ["a red circle on a white background"] * n
+    cond, uncond = Cond(encode_prompts(c, prompts)[0]), Cond(encode_prompts(c, [""] * n)[0])
+    feed = SimpleNamespace(grid=SamplingGrid.from_scheduler(c.scheduler, steps), components=c,
+                           scorers={"bright": _Brightness(), "toy-checklist": toy_checklist_scorer()})
+    return models, feed, cond, uncond, prompts
+
+
+def test_tailorpo_g_pushes_the_winner_up_a_differentiable_reward(fresh_accelerate_state):
+    models, feed, cond, uncond, prompts = _tiny_sd15_feed(20, 4)
+    grid = feed.grid
     method = _tailorpo("method.guidance=true", "method.reward=bright")
     x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t_prev = grid.prev_timesteps[4]
@@ -267,24 +275,11 @@ def test_tailorpo_g_pushes_the_winner_up_a_differentiable_reward(fresh_accelerat
 def test_tailorpo_lookahead_reward_is_the_deterministic_ddim_continuation(fresh_accelerate_state):
     """lookahead_steps over every remaining level = the child's plain DDIM (η = 0) continuation on the rollout grid,
     computed here step by step; lookahead_steps 1 = the one-step x̂0 of the paper (Eq. 12; ᾱ = 1 after the last step)."""
-    from types import SimpleNamespace
-
-    from accelerate import Accelerator
-
-    from diffalign.config import ModelConfig
     from diffalign.diffusion import ddim_step
-    from diffalign.models.loading import encode_prompts, load_components
-    from diffalign.trainers.batch import Cond
-    from diffalign.trainers.models import Models, Schedule
-    from diffalign.trainers.rollout import SamplingGrid, guided_prediction
+    from diffalign.trainers.rollout import guided_prediction
 
-    c = load_components(ModelConfig(pretrained="builtin:tiny-sd15"))
-    models = Models(c.unet, Accelerator(cpu=True), Schedule(c.scheduler.alphas_cumprod.float(), c.prediction_type), torch.float32,
-                    lora=False, frozen_reference=c.unet)
-    grid = SamplingGrid.from_scheduler(c.scheduler, 10)
-    prompts = ["a red circle on a white background"] * 2
-    cond, uncond = Cond(encode_prompts(c, prompts)[0]), Cond(encode_prompts(c, [""] * 2)[0])
-    feed = SimpleNamespace(grid=grid, components=c, scorers={"bright": _Brightness()})
+    models, feed, cond, uncond, prompts = _tiny_sd15_feed(10, 2)
+    grid = feed.grid
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     k = 5  # the child sits at level prev_timesteps[5]; the chain's steps 6..9 remain
     with torch.no_grad():

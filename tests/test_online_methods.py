@@ -200,7 +200,8 @@ class _Rows:
 
 
 def _tailorpo(*overrides):
-    return build_method(load_config("toy/tailorpo", list(overrides)).method)
+    """The toy recipe's TailorPO at D3PO's β 0.1 and the paper's one-step x̂0 reward, unless overridden."""
+    return build_method(load_config("toy/tailorpo", ["method.beta=0.1", "method.lookahead_steps=0", *overrides]).method)
 
 
 def test_tailorpo_pair_loss_by_hand():

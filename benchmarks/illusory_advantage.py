@@ -15,6 +15,13 @@ Each checkpoint is a resumed run exporting `final/` at that step (resume is exac
 one uninterrupted run); everything is cached in `--work`, so a rerun continues.
 
     OMP_NUM_THREADS=2 python benchmarks/illusory_advantage.py --work outputs/illusory --out benchmarks/results/illusory-advantage-cpu.json
+
+The committed table (docs/toy_world.md) was measured with the recipes of commit 97c3d11: graded rewards, no KL, one
+micro-batch per step, Pref-GRPO without a vote margin. Those runs, with today's recipes otherwise:
+
+    python benchmarks/illusory_advantage.py --set train.grad_accum=1 --set method.kl_beta=0 --set pref_grpo:method.vote_margin=0 \
+        --set 'grpo:method.scorer_options={toy-checklist: {graded: true}}'
+
     python benchmarks/illusory_advantage.py --work /tmp/ia --steps 8 --checkpoints 2 --prompts 4 --seeds 1   # smoke check
 """
 
@@ -85,6 +92,12 @@ def training_log(work: Path, method: str) -> dict:
     return {"rounds": [{k: r[k] for k in ("step", "reward", "win_rate_std") if k in r} for r in rows if "reward" in r]}
 
 
+def method_overrides(method: str, overrides: list[str]) -> list[str]:
+    """The overrides of one run: the common ones and those prefixed with its name ("grpo:key=value")."""
+    prefixed = [o.split(":", 1) for o in overrides if ":" in o.split("=", 1)[0]]
+    return [o for o in overrides if ":" not in o.split("=", 1)[0]] + [o for name, o in prefixed if name == method]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="outputs/illusory")
@@ -93,7 +106,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=4, help="evenly spaced evaluation points")
     parser.add_argument("--prompts", type=int, default=50, help="training captions evaluated (spread over the split)")
     parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--set", action="append", default=[], help="override for both runs, e.g. optim.lr=1e-4")
+    parser.add_argument("--set", action="append", default=[],
+                        help="override for both runs (optim.lr=1e-4), or for one (grpo:method.kl_beta=0)")
     args = parser.parse_args()
 
     from diffalign.config import ModelConfig
@@ -113,7 +127,7 @@ def main() -> None:
     for method in METHODS:
         rows = []
         for step in points:
-            final = snapshot(method, step, work, args.set)
+            final = snapshot(method, step, work, method_overrides(method, args.set))
             rows.append({"step": step, **evaluate(components, final, prompts, seeds, scorer)})
             print(f"{method} step {step}: reward {rows[-1]['reward']:+.3f}, saturation {rows[-1]['saturation']:.3f}", flush=True)
         report["methods"][method] = {"checkpoints": rows, "training": training_log(work, method)}

@@ -5,7 +5,9 @@ and trains the DPO loss on that order. The order is only a signal if it agrees w
 samples rollout rounds exactly as `toy/tailorpo` does (the base model: a fresh LoRA), and for every stored child pair
 (winner, loser) at each trained step k:
 
-- Δstep  = r(x̂0(winner)) − r(x̂0(loser)), the step-wise reward gap TailorPO sees (> 0 by construction, or a tie),
+- Δstep  = r(x̂0(winner)) − r(x̂0(loser)), the step-wise reward gap TailorPO sees (> 0 by construction, or a tie);
+  x̂0 is the one-step prediction of Eq. 12 with `--set method.lookahead_steps=0`, else where that many deterministic
+  DDIM steps lead (the recipe's 4),
 - Δfinal = R(winner) − R(loser), the reward of the final image each child reaches by deterministic DDIM (η = 0) with
   the same model, guidance and grid (the mean path of where the child leads),
 
@@ -13,7 +15,9 @@ and reports per trained step: the agreement P(Δfinal > 0 | Δstep > 0) over pai
 of pairs whose final images tie, and the same for pairs above TailorPO's `threshold`. Agreement near ½ means the
 step-wise reward orders the children at random at that step: the DPO loss there trains noise.
 
-    OMP_NUM_THREADS=2 python benchmarks/tailorpo_step_reward.py --rounds 8 --out benchmarks/results/tailorpo-step-reward-cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/tailorpo_step_reward.py --rounds 12 --set method.lookahead_steps=0 \
+        --out benchmarks/results/tailorpo-step-reward-cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/tailorpo_step_reward.py --rounds 6     # the recipe's lookahead
 """
 
 from __future__ import annotations

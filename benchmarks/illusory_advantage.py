@@ -92,12 +92,6 @@ def training_log(work: Path, method: str) -> dict:
     return {"rounds": [{k: r[k] for k in ("step", "reward", "win_rate_std") if k in r} for r in rows if "reward" in r]}
 
 
-def method_overrides(method: str, overrides: list[str]) -> list[str]:
-    """The overrides of one run: the common ones and those prefixed with its name ("grpo:key=value")."""
-    prefixed = [o.split(":", 1) for o in overrides if ":" in o.split("=", 1)[0]]
-    return [o for o in overrides if ":" not in o.split("=", 1)[0]] + [o for name, o in prefixed if name == method]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="outputs/illusory")
@@ -111,6 +105,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from diffalign.config import ModelConfig
+    from diffalign.eval.toybench import method_overrides
     from diffalign.models.loading import load_components
     from diffalign.toy.checklist import toy_checklist_scorer
     from diffalign.toy.scenes import TRAIN
@@ -127,7 +122,7 @@ def main() -> None:
     for method in METHODS:
         rows = []
         for step in points:
-            final = snapshot(method, step, work, method_overrides(method, args.set))
+            final = snapshot(method, step, work, method_overrides(method, tuple(args.set)))
             rows.append({"step": step, **evaluate(components, final, prompts, seeds, scorer)})
             print(f"{method} step {step}: reward {rows[-1]['reward']:+.3f}, saturation {rows[-1]['saturation']:.3f}", flush=True)
         report["methods"][method] = {"checkpoints": rows, "training": training_log(work, method)}

@@ -8,8 +8,8 @@ samples rollout rounds exactly as `toy/tailorpo` does (the base model: a fresh L
 - Δstep  = r(x̂0(winner)) − r(x̂0(loser)), the step-wise reward gap TailorPO sees (> 0 by construction, or a tie);
   x̂0 is the one-step prediction of Eq. 12 with `--set method.lookahead_steps=0`, else where that many deterministic
   DDIM steps lead (the recipe's 4),
-- Δfinal = R(winner) − R(loser), the reward of the final image each child reaches by deterministic DDIM (η = 0) with
-  the same model, guidance and grid (the mean path of where the child leads),
+- Δfinal = R(winner) − R(loser), the reward of the final image each child reaches by deterministic DDIM (η = 0) over
+  every remaining level of the grid, with the same network and guidance (the mean path of where the child leads),
 
 and reports per trained step: the agreement P(Δfinal > 0 | Δstep > 0) over pairs whose final rewards differ, the share
 of pairs whose final images tie, and the same for pairs above TailorPO's `threshold`. Agreement near ½ means the
@@ -35,31 +35,12 @@ sys.path.insert(0, str(REPO))
 
 
 @torch.no_grad()
-def final_rewards(feed, models, children: torch.Tensor, k: int, traj, rows: torch.Tensor) -> torch.Tensor:
-    """The reward of the final image each child (at chain position k + 1) reaches by deterministic DDIM."""
-    from diffalign.diffusion import ddim_step
-    from diffalign.trainers.rollout import decode, guided_prediction
-
-    grid, method = feed.grid, feed.method
-    alphas = grid.alphas_cumprod.to(models.device)
-    cond, uncond = traj.cond.select(rows).to(models.device, torch.float32), traj.uncond.select(rows).to(models.device, torch.float32)
-    x = children.to(models.device).float()
-    for j in range(k + 1, grid.steps):
-        t, t_prev = grid.timesteps[j], grid.prev_timesteps[j]
-        eps = guided_prediction(models.policy, x, t.reshape(1), cond, uncond, method.cfg.cfg_scale)
-        x = ddim_step(eps, x, t, t_prev, alphas, grid.prediction_type, grid.final_alpha_cumprod)
-    images = decode(feed.components.vae, x, feed.components.vae.config.scaling_factor)
-    prompts = [traj.prompts[int(i)] for i in rows]
-    return feed.scorers[method.cfg.reward].score(images, prompts)["overall"].float().cpu()
-
-
-@torch.no_grad()
-def step_rewards(feed, models, children: torch.Tensor, k: int, traj, rows: torch.Tensor) -> torch.Tensor:
-    """TailorPO's step-wise reward of each child: the reward of its x̂0 (Eq. 12)."""
-    grid = feed.grid
+def child_rewards(method, feed, models, children: torch.Tensor, k: int, traj, rows: torch.Tensor) -> torch.Tensor:
+    """`method`'s step-wise reward of each child at chain position k + 1 (`TailorPO._reward`: its x̂0, or where its
+    `lookahead_steps` deterministic DDIM steps lead)."""
     cond, uncond = traj.cond.select(rows).to(models.device, torch.float32), traj.uncond.select(rows).to(models.device, torch.float32)
     prompts = [traj.prompts[int(i)] for i in rows]
-    return feed.method._reward(feed, models, children.to(models.device).float(), grid.prev_timesteps[k], cond, uncond, prompts).cpu()
+    return method._reward(feed, models, children.to(models.device).float(), feed.grid.prev_timesteps[k], cond, uncond, prompts).cpu()
 
 
 def measure(rounds: int, overrides: list[str]) -> dict:
@@ -71,6 +52,8 @@ def measure(rounds: int, overrides: list[str]) -> dict:
         trainer = PreferenceTrainer(cfg)
         trainer.setup()
         feed, models = trainer.feed, trainer.models
+        # the final image a child reaches: deterministic DDIM over every remaining level of the grid
+        to_the_end = type(feed.method)(cfg.method.model_copy(update={"lookahead_steps": feed.grid.steps}))
         per_step: dict[int, dict[str, list]] = {}
         for r in range(rounds):
             rd = feed.collect(models, r)
@@ -80,8 +63,9 @@ def measure(rounds: int, overrides: list[str]) -> dict:
                 k = int(plan["trained"][0, j])
                 w, l_ = plan["winners"][:, j], plan["losers"][:, j]
                 entry = per_step.setdefault(k, {"d_step": [], "d_final": []})
-                entry["d_step"] += (step_rewards(feed, models, w, k, traj, rows) - step_rewards(feed, models, l_, k, traj, rows)).tolist()
-                entry["d_final"] += (final_rewards(feed, models, w, k, traj, rows) - final_rewards(feed, models, l_, k, traj, rows)).tolist()
+                for key, method in (("d_step", feed.method), ("d_final", to_the_end)):
+                    entry[key] += (child_rewards(method, feed, models, w, k, traj, rows)
+                                   - child_rewards(method, feed, models, l_, k, traj, rows)).tolist()
         threshold = max(cfg.method.threshold, 0.1)
     out = []
     for k in sorted(per_step):

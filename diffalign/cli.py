@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from diffalign.config import ConfigError
@@ -130,13 +131,15 @@ def _cmd_toy_pretrain(args: argparse.Namespace) -> None:
 def _bench_settings(args: argparse.Namespace):
     from pathlib import Path
 
-    from diffalign.eval.toybench import QUICK, BenchSettings
+    from diffalign.eval.toybench import DEMO, QUICK, BenchSettings
 
     settings = BenchSettings(methods=tuple(m for m in args.methods.split(",") if m), workdir=Path(args.workdir), overrides=tuple(args.set),
                              eval_split=args.eval_split, cache_root=Path(args.cache_root) if args.cache_root else None,
                              ledger=Path(args.ledger) if args.ledger else None, fresh=args.fresh)
     if args.quick:  # the CI-size configuration: the direction, not the number
         settings = dataclasses.replace(settings, **QUICK)
+    elif getattr(args, "demo", False):  # `diffalign demo`: the bench's DPO row on smaller data (minutes)
+        settings = dataclasses.replace(settings, **DEMO)
     return settings
 
 
@@ -210,7 +213,11 @@ def _load_scorers(args: argparse.Namespace) -> dict:
     stray = sorted(set(options) - set(names))
     if stray:
         raise ScorerConfigError(f"--scorer-option for {', '.join(stray)}, which --scorers does not list ({', '.join(names)})")
-    return load_scorers(names, options, weights_dir=args.weights_dir, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    state = _launched_processes()
+    device = args.device
+    if state.num_processes > 1 and device in (None, "cuda") and state.device.type == "cuda":
+        device = str(state.device)  # each process its own GPU
+    return load_scorers(names, options, weights_dir=args.weights_dir, device=device, dtype=args.dtype, batch_size=args.batch_size)
 
 
 def _cmd_score(args: argparse.Namespace) -> None:
@@ -223,8 +230,12 @@ def _cmd_score(args: argparse.Namespace) -> None:
     scorers = _load_scorers(args)
     stem = Path(args.out) if args.out else Path(args.dir) / "scores"
     result = _score_folder(args, args.dir, records, scorers, stem)
+    state = _launched_processes()
+    if not state.is_main_process:  # a split run: the main process writes the merged tables
+        return
     paths = result.write(stem)
-    print(summary_table(result, f"{args.dir}: {len(result.records)} images in {result.seconds:.1f}s"))
+    split = f" over {state.num_processes} processes" if state.num_processes > 1 else ""
+    print(summary_table(result, f"{args.dir}: {len(result.records)} images in {result.seconds:.1f}s{split}"))
     for file, reason in result.skipped[:10]:
         print(f"skipped {file}: {reason}", file=sys.stderr)
     if len(result.skipped) > 10:
@@ -247,6 +258,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     pair(*records)  # the folders must pair on (prompt, seed) before any scorer loads
     scorers = _load_scorers(args)
     results = [_score_folder(args, f, r, scorers, out / f"{label}_scores") for label, f, r in zip("ab", folders, records)]
+    if not _launched_processes().is_main_process:  # a split run: the main process writes the report
+        return
     for label, res in zip("ab", results):
         res.write(out / f"{label}_scores")
     report, pairing = compare_scores(*results, seed=args.seed)
@@ -339,11 +352,24 @@ def _cmd_generate(args: argparse.Namespace) -> None:
                         npo_alpha=args.npo_alpha, npo_beta=args.npo_beta, steps=args.steps, guidance=args.guidance_scale,
                         scheduler=args.scheduler, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                         dtype=args.dtype)
-    warn_if_negative(settings.adapter, "--lora" if args.lora else "--unet")
-    pipe = load_generation_pipeline(settings, lora=args.unet is None, device=args.device)
-    counts = generate_folder(pipe, prompts, seeds, Path(args.out), settings, batch_size=args.batch_size, progress=not args.no_progress)
-    print(f"{counts['total']} images in {args.out} ({counts['generated']} generated, {counts['skipped']} already there); "
-          f"metadata.jsonl and contact_sheet.png beside them")
+    state = _launched_processes()
+    if state.is_main_process:
+        warn_if_negative(settings.adapter, "--lora" if args.lora else "--unet")
+    device = f"cuda:{state.local_process_index}" if args.device == "cuda" and state.num_processes > 1 else args.device  # a GPU each
+    pipe = load_generation_pipeline(settings, lora=args.unet is None, device=device)
+    counts = generate_folder(pipe, prompts, seeds, Path(args.out), settings, batch_size=args.batch_size, progress=not args.no_progress,
+                             rank=state.process_index, world=state.num_processes, barrier=state.wait_for_everyone)
+    if state.is_main_process:
+        split = f", over {state.num_processes} processes" if state.num_processes > 1 else ""
+        print(f"{counts['total']} images in {args.out} ({counts['generated']} generated, {counts['skipped']} already there{split}); "
+              "metadata.jsonl and contact_sheet.png beside them")
+
+
+def _launched_processes():
+    """accelerate's view of the processes `accelerate launch` started (one process, rank 0, when run directly)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
 
 
 def _cmd_bench_hpsv2(args: argparse.Namespace) -> None:
@@ -411,6 +437,18 @@ def _score_folder(args: argparse.Namespace, folder, records, scorers: dict, stem
 
     options = _scorer_options(args)
     identity = {"scorers": [scorer_identity(n, args.weights_dir, **options.get(n, {})) for n in scorers], "dtype": args.dtype}
+    state = _launched_processes()
+    if state.num_processes > 1:  # each process scores its share (whole batches) and journals it; every process gets the merge
+        from accelerate.utils import gather_object
+
+        from diffalign.eval.folderscore import merge_shares, rank_share, rank_stem
+
+        rank, world = state.process_index, state.num_processes
+        share = score_records(folder, rank_share(records, args.batch_size, rank, world), scorers, batch_size=args.batch_size,
+                              workers=args.workers, progress=not args.no_progress and rank == 0, strict=args.strict,
+                              max_consecutive_failures=args.max_consecutive_failures, journal=journal_path(rank_stem(stem, rank)),
+                              identity={**identity, "processes": world})
+        return merge_shares(records, gather_object([share]))
     return score_records(folder, records, scorers, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
                          strict=args.strict, max_consecutive_failures=args.max_consecutive_failures,
                          journal=journal_path(stem), identity=identity)
@@ -471,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-root", default=None, help="data and trained models reused across runs (default as for bench toy)")
     p.add_argument("--ledger", default=None, help="the run appends one JSON line here (default CACHE_ROOT/ledger.jsonl)")
     p.add_argument("--fresh", action="store_true", help="rebuild the data and retrain, replacing the cached entries")
-    p.set_defaults(fn=_cmd_bench_toy, methods="dpo", quick=False, set=[], eval_split="held_out")
+    p.set_defaults(fn=_cmd_bench_toy, methods="dpo", quick=False, demo=True, set=[], eval_split="held_out")
     text = "generate images for prompts x seeds into a folder (metadata.jsonl, contact sheet), optionally with NPO weights in CFG"
     p = sub.add_parser("generate", help=text, description=text)
     p.add_argument("--model", required=True, help="base pipeline: a diffusers directory, a hub id, a single-file .safetensors "
@@ -498,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npo-beta", type=float, default=1.0, help="β: weight of the NPO offset in the negative branch (official 1)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (images do not depend on it)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (under accelerate launch, cuda is each process's own GPU)")
     p.add_argument("--out", required=True, help="output folder (rerunning skips images already there with the same settings)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=_cmd_generate)

@@ -79,6 +79,8 @@ class FolderScores:
                    "skipped": [{"file": f, "reason": why} for f, why in self.skipped]}
         atomic_write_text(paths[2], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         journal_path(stem).unlink(missing_ok=True)  # the tables supersede the journal of a resumable run
+        for journal in stem.parent.glob(journal_path(rank_stem(stem, "*")).name):  # and those of the ranks of a split run
+            journal.unlink()
         return paths
 
 
@@ -135,6 +137,34 @@ class ScoreJournal:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def rank_stem(stem: str | Path, rank: int | str) -> Path:
+    """The output stem of one rank's share of a split run (its journal is `journal_path` of it)."""
+    stem = Path(stem)
+    return stem.with_name(f"{stem.name}.rank{rank}")
+
+
+def rank_share(records: Sequence[ImageRecord], batch_size: int, rank: int, world: int) -> list[ImageRecord]:
+    """Rank `rank`'s share of a run split over `world` processes: batches k ≡ rank (mod world) of `records`, cut as one
+    process cuts them, concatenated. `score_records` cuts the share into the same batches again (every batch but the
+    folder's last is full, and that one ends its share), so each image is scored in the batch one process scores it in."""
+    batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
+    return [r for batch in batches[rank::world] for r in batch]
+
+
+def merge_shares(records: Sequence[ImageRecord], shares: Sequence[FolderScores]) -> FolderScores:
+    """The ranks' results as one run's: rows in the folder's order, skipped images in it too, the slowest rank's time."""
+    rows: dict[str, tuple[ImageRecord, dict[str, float]]] = {}
+    skipped: dict[str, str] = {}
+    for share in shares:
+        rows |= {r.file: (r, {k: v[i] for k, v in share.scores.items()}) for i, r in enumerate(share.records)}
+        skipped |= dict(share.skipped)
+    kept = [r for r in records if r.file in rows]
+    columns = list(shares[0].scores) if shares else []
+    scores = {k: np.asarray([rows[r.file][1][k] for r in kept], dtype=np.float64) for k in columns}
+    return FolderScores(kept, scores, [(r.file, skipped[r.file]) for r in records if r.file in skipped],
+                        max((s.seconds for s in shares), default=0.0))
 
 
 def records_digest(records: Sequence[ImageRecord]) -> str:

@@ -115,30 +115,48 @@ def image_name(prompt_index: int, seed: int) -> str:
 
 
 def generate_folder(pipe, prompts: list[str], seeds: list[int], out: Path, settings: Settings, *, batch_size: int = 8,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, rank: int = 0, world: int = 1, barrier=None) -> dict:
     """Every (prompt, seed) image into `out`, skipping those whose metadata line matches (file present, same settings).
-    Returns counts: generated, skipped, total."""
+    Returns counts: generated, skipped, total.
+
+    Several processes (`rank` of `world`, e.g. under `accelerate launch`; `barrier()` waits for all of them): the images to
+    make are cut into batches exactly as one process cuts them and batch k goes to rank k mod `world`, so every image is
+    computed in the batch one process would compute it in (the same bits on the same hardware). Each rank commits its
+    own metadata part (``metadata.part-<rank>.jsonl``) after each batch; at the end rank 0 merges the parts into
+    ``metadata.jsonl`` (a killed run's parts are merged when the folder is next read) and paints the contact sheet."""
     out.mkdir(parents=True, exist_ok=True)
     meta = asdict(settings)
     lines = _read_metadata(out)
     jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     todo = [(i, p, s) for i, p, s in jobs if not _done(out, lines.get(image_name(i, s)), p, s, meta)]
-    bar = _progress(len(todo), progress)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
+    if world > 1:
+        barrier()  # every rank has read the folder before any writes to it
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)][rank::world]
+    mine: dict[str, dict] = {}
+    bar = _progress(sum(map(len, batches)), progress and rank == 0)
+    for chunk in batches:
         images = sample_with(pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk], num_inference_steps=settings.steps,
                              guidance_scale=settings.guidance, height=settings.height, width=settings.width,
                              negative_prompt=settings.negative_prompt, batch_size=batch_size)
         for (i, p, s), image in zip(chunk, images):
             save_png(out / image_name(i, s), image)
             fault_point("generate.image")
-            lines[image_name(i, s)] = {"file": image_name(i, s), "prompt": p, "seed": s, **meta}
-        _write_metadata(out, lines)
+            mine[image_name(i, s)] = {"file": image_name(i, s), "prompt": p, "seed": s, **meta}
+        if world > 1:
+            _write_lines(out / _part_name(rank), mine)
+        else:
+            _write_metadata(out, lines | mine)
         fault_point("generate.batch")
         bar.update(len(chunk))
     bar.close()
-    _write_metadata(out, lines)
-    save_png(out / CONTACT_SHEET, contact_sheet(out, [lines[image_name(i, s)] for i, _, s in jobs]))
+    if world > 1:
+        barrier()  # every part is written
+    if rank == 0:
+        lines = _read_metadata(out) if world > 1 else lines | mine  # the parts merged
+        _write_metadata(out, lines)
+        save_png(out / CONTACT_SHEET, contact_sheet(out, [lines[image_name(i, s)] for i, _, s in jobs]))
+    if world > 1:
+        barrier()  # the folder is complete when any rank returns
     return {"generated": len(todo), "skipped": len(jobs) - len(todo), "total": len(jobs)}
 
 
@@ -155,13 +173,27 @@ def _done(out: Path, line: dict | None, prompt: str, seed: int, meta: dict) -> b
     return line.get("prompt") == prompt and line.get("seed") == seed and all(line.get(k) == v for k, v in meta.items())
 
 
+def _part_name(rank: int) -> str:
+    return f"metadata.part-{rank}.jsonl"
+
+
 def _read_metadata(out: Path) -> dict[str, dict]:
-    """The folder's metadata lines by file name (none for a new folder)."""
-    return {r.file: r.as_dict() for r in read_folder(out)} if (out / METADATA).is_file() else {}
+    """The folder's metadata lines by file name (none for a new folder), with the lines of any rank's part merged in."""
+    lines = {r.file: r.as_dict() for r in read_folder(out)} if (out / METADATA).is_file() else {}
+    for part in sorted(out.glob(_part_name("*"))):
+        lines |= {line["file"]: line for line in map(json.loads, part.read_text(encoding="utf-8").splitlines()) if line}
+    return lines
 
 
 def _write_metadata(out: Path, lines: dict[str, dict]) -> None:
-    atomic_write_text(out / METADATA, "".join(json.dumps(lines[k], ensure_ascii=False) + "\n" for k in sorted(lines)))
+    """``metadata.jsonl`` (atomically), then the parts it now holds are removed."""
+    _write_lines(out / METADATA, lines)
+    for part in out.glob(_part_name("*")):
+        part.unlink()
+
+
+def _write_lines(path: Path, lines: dict[str, dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(lines[k], ensure_ascii=False) + "\n" for k in sorted(lines)))
 
 
 def contact_sheet(out: Path, lines: list[dict], max_rows: int = 16, max_cols: int = 8) -> Image.Image:

@@ -69,7 +69,8 @@ def test_every_file_under_configs_is_shipped():
     assert CONFIG_FILES, "no YAML under configs/"
     assert {_name(p) for p in CONFIG_FILES} == set(shipped_configs())
     assert {_name(p) for p in ACCELERATE_FILES} == set(shipped_accelerate_configs()) == {
-        "accelerate/single_gpu", "accelerate/multi_gpu", "accelerate/multi_node"}
+        "accelerate/single_gpu", "accelerate/multi_gpu", "accelerate/multi_node", "accelerate/fsdp2", "accelerate/deepspeed_zero2",
+        "accelerate/deepspeed_zero3"}
 
 
 @pytest.mark.parametrize("path", ACCELERATE_FILES, ids=lambda p: p.name)
@@ -79,11 +80,58 @@ def test_shipped_accelerate_config_is_read_by_accelerate(path):
 
     config = load_config_from_file(str(path))
     assert config.mixed_precision == "no"
-    assert config.distributed_type == ("NO" if path.stem == "single_gpu" else "MULTI_GPU")
-    assert (config.num_processes, config.num_machines) == {"single_gpu": (1, 1), "multi_gpu": (8, 1), "multi_node": (16, 2)}[path.stem]
+    kind = {"single_gpu": ("NO", 1, 1), "multi_gpu": ("MULTI_GPU", 8, 1), "multi_node": ("MULTI_GPU", 16, 2), "fsdp2": ("FSDP", 8, 1),
+            "deepspeed_zero2": ("DEEPSPEED", 8, 1), "deepspeed_zero3": ("DEEPSPEED", 8, 1)}[path.stem]
+    assert (config.distributed_type, config.num_processes, config.num_machines) == kind
+    if path.stem == "fsdp2":
+        assert config.fsdp_config["fsdp_version"] == 2
     text = path.read_text()
     assert text.startswith("# accelerate config:") and "# Run" in text
     assert run_cli("configs", "--path", _name(path)).stdout.strip() == str(shipped_accelerate_configs()[_name(path)])
+
+
+def _launch_environment(path, monkeypatch) -> None:
+    """Set what `accelerate launch --config_file PATH` exports to its processes (accelerate's own parser and env builder)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    parsed = launch_command_parser().parse_args(["--config_file", str(path), "-m", "diffalign", "train", "toy/dpo"])
+    args, defaults, _ = _validate_launch_command(parsed)
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as `launch_command` does
+    for key, value in prepare_deepspeed_cmd_env(args)[1].items():
+        if key.startswith("ACCELERATE_"):
+            monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_config_builds_its_plugin_and_fills_auto_values_from_the_diffalign_config(stage, monkeypatch, tmp_path):
+    from accelerate.utils import DeepSpeedPlugin
+
+    from diffalign.trainers.deepspeed_config import DeepSpeedConfigError, resolve
+
+    _launch_environment(shipped_accelerate_configs()[f"accelerate/deepspeed_zero{stage}"], monkeypatch)
+    plugin = DeepSpeedPlugin()  # as accelerate builds it in each process, from the launch's environment
+    assert plugin.zero_stage == stage
+    cfg = load_config("toy/dpo", ["train.batch_size=4", "train.grad_accum=3", "optim.max_grad_norm=0.5", "train.mixed_precision=bf16"])
+    resolved = resolve(plugin, cfg, num_processes=8)
+    assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"], resolved["train_batch_size"]) == (4, 3, 96)
+    assert resolved["gradient_clipping"] == 0.5 and resolved["zero_optimization"]["stage"] == stage
+    assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False
+    no_clip = resolve(DeepSpeedPlugin(), load_config("toy/dpo", ["optim.max_grad_norm=null"]), num_processes=2)
+    assert no_clip["gradient_clipping"] == 0.0 and no_clip["bf16"]["enabled"] is False  # DeepSpeed's "off"; precision 'no'
+
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")  # a DeepSpeed value that disagrees is named
+    with pytest.raises(DeepSpeedConfigError, match="gradient_accumulation_steps=4 vs arg gradient_accumulation_steps=3"):
+        resolve(DeepSpeedPlugin(), cfg, num_processes=8)
+
+    # the trainer resolves first (a mismatch is the error), then refuses to train until a GPU run has verified DeepSpeed
+    out = f"train.output_dir={tmp_path / 'run'}"  # (were it not refused, one step)
+    result = run_cli("train", "toy/dpo", "train.grad_accum=3", "train.max_steps=1", out)
+    assert result.returncode != 0 and "gradient_accumulation_steps=4" in result.stderr, result.stderr
+    monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    result = run_cli("train", "toy/dpo", "train.max_steps=1", out)
+    assert result.returncode != 0 and f"DeepSpeed ZeRO-{stage} resolves against this config" in result.stderr, result.stderr
+    assert "accelerate/fsdp2" in result.stderr
 
 
 def test_accelerate_configs_are_not_recipes():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -80,3 +82,65 @@ def test_an_online_group_split_over_two_processes_is_judged_as_one_group(tmp_pat
     b = load_safetensors(tmp_path / "two" / "checkpoints" / "step-00000001" / "trainable.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def _launch(config_name: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(shipped_accelerate_configs()[config_name]),
+              "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "diffalign", "train", *args]
+    return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_fsdp2_shards_the_parameters_matches_one_process_and_resumes_exactly(tmp_path, demo_parquet):
+    """The shipped FSDP2 config on 2 gloo processes (where accelerate alone would fall back to whole parameters): every
+    trained parameter is a DTensor split over the 2 ranks, each rank's checkpoint file holds about half the weights, the
+    first step equals one process's step on the same global batch, and a resume from the sharded checkpoint of step 1
+    ends bit for bit where the uninterrupted run does."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    cfg = tiny_config(tmp_path, parquet=demo_parquet, finetune="full", optim={"lr": 1e-3, "warmup_steps": 0, "eps": 1e-4})
+    single = write_config(tmp_path / "single.yaml", {**cfg, "train": {**cfg["train"], "max_steps": 1, "checkpoint_every": 0,
+                                                                      "batch_size": 4, "output_dir": str(tmp_path / "one")}})
+    sharded = write_config(tmp_path / "sharded.yaml", {**cfg, "train": {**cfg["train"], "max_steps": 2, "checkpoint_every": 1,
+                                                                        "batch_size": 2, "output_dir": str(tmp_path / "two")}})
+    one = run_cli("train", str(single))
+    assert one.returncode == 0, one.stderr
+    two = _launch("accelerate/fsdp2", str(sharded))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "global batch 2 × 1 accum × 2 proc = 4" in two.stdout
+    held = re.search(r"FSDP2: (\d+)/(\d+) parameters sharded, this process holds ([\d,]+) of ([\d,]+) values", two.stdout)
+    assert held, two.stdout
+    assert held[1] == held[2] and int(held[2]) > 0  # every trained parameter is a DTensor
+    local, total = (int(held[i].replace(",", "")) for i in (3, 4))
+    assert 0.45 * total <= local <= 0.55 * total  # dim-0 shards: about half each (odd sizes round)
+
+    # each rank wrote its own shard file of the step-1 checkpoint; neither holds the whole model
+    step1 = tmp_path / "two" / "checkpoints" / "step-00000001"
+    assert not (step1 / "trainable.safetensors").exists()
+    files = sorted((step1 / "sharded").glob("*.distcp"))
+    full_weights = (tmp_path / "one" / "final" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert len(files) == 2 and all(f.stat().st_size < 0.75 * 3 * full_weights for f in files)  # weights + 2 Adam moments, halved
+
+    # step 1 equals the single process's step (all-reduce order changes rounding only; see the DDP test for the bound)
+    dcp_to_torch_save(step1 / "sharded", tmp_path / "step1.pt")
+    step1_model = torch.load(tmp_path / "step1.pt", weights_only=True)["model"]
+    one_model = load_safetensors(tmp_path / "one" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert step1_model.keys() == one_model.keys()
+    for k in one_model:
+        torch.testing.assert_close(step1_model[k], one_model[k], rtol=0, atol=1e-5)
+    row_one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
+    row_two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("loss", "grad_norm"):
+        assert row_two[key] == pytest.approx(row_one[key], rel=1e-5)
+
+    # resume from step 1's sharded checkpoint (model, Adam moments, schedule, RNG, data position): the same final weights
+    shutil.copytree(tmp_path / "two", tmp_path / "three")
+    for gone in ("checkpoints/step-00000002", "final", "summary.json", "metrics.jsonl"):
+        path = tmp_path / "three" / gone
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    three = _launch("accelerate/fsdp2", str(sharded), f"train.output_dir={tmp_path / 'three'}", "train.resume=latest")
+    assert three.returncode == 0, three.stderr[-3000:]
+    assert "resumed from" in three.stdout
+    a = load_safetensors(tmp_path / "two" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_safetensors(tmp_path / "three" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

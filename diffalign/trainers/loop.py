@@ -16,6 +16,7 @@ import contextlib
 import copy
 import importlib.util
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -38,12 +39,27 @@ from diffalign.models.quiet import quiet_loading
 from diffalign.randomness import Draws, seed63
 from diffalign.trainers import checkpoint as ckpt
 from diffalign.trainers.batch import BatchRules, build_batch
+from diffalign.trainers.deepspeed_config import DeepSpeedConfigError, deepspeed_requested, refuse_training
 from diffalign.trainers.methods import build_method
 from diffalign.trainers.model_card import model_card
 from diffalign.trainers.models import Models, Schedule
 from diffalign.trainers.optim import build_lr_schedule, build_optimizer, effective_lr
 from diffalign.trainers.report import MetricsLog, print_summary
 from diffalign.trainers.sampler import GlobalBatchSampler
+from diffalign.trainers.sharding import (
+    SHARDED_DIR,
+    ShardingError,
+    fsdp_plugin,
+    fsdp_requested,
+    full_state_dict,
+    full_value,
+    load_sharded,
+    refuse_unsupported,
+    save_full_unet,
+    save_sharded,
+    shard,
+    shard_summary,
+)
 from diffalign.trainers.teacher import EMATeacher
 from diffalign.trainers.validation import Validation, check_validation_scorers
 
@@ -110,10 +126,22 @@ class PreferenceTrainer:
         if evaluation_only(cfg):  # refused before the cache is built; a marked cache is refused again when read
             raise TrainingError(f"data.source.evaluation_only: the cache at {cfg.data.cache_dir} is evaluation-only (held-out "
                                 "captions) and may never become training data; evaluate with it (`diffalign eval ranking`)")
+        if deepspeed_requested():  # before accelerate, which would need deepspeed installed and CUDA
+            try:
+                refuse_training(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            except DeepSpeedConfigError as e:
+                raise TrainingError(str(e)) from None
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker, project_dir=str(self.output_dir / "logs"))
         acc = self.accelerator
         if acc.is_main_process:  # one run writes an output directory at a time (the other ranks are this run's own)
             self.held.enter_context(directory_lock(self.output_dir, "train.output_dir"))
+        self.sharded = fsdp_requested(acc)  # FSDP2 full shard, from the accelerate config (`diffalign.trainers.sharding`)
+        if self.sharded:
+            try:
+                refuse_unsupported(cfg)
+                self.fsdp_plugin = fsdp_plugin(acc)
+            except ShardingError as e:
+                raise TrainingError(str(e)) from None
         if cfg.train.mixed_precision == "fp16" and acc.device.type == "cpu":
             raise TrainingError("train.mixed_precision = fp16 needs a GPU; on the CPU use 'no' or 'bf16'")
         check_validation_scorers(cfg, warn=acc.is_main_process)  # unknown validation scorers fail before anything loads
@@ -150,13 +178,17 @@ class PreferenceTrainer:
             if self.method.needs.reference:  # copied and cast on the host, then moved
                 with quiet_loading():
                     self.reference = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype=self.weight_dtype)
-                if cfg.model.reference_offload and acc.device.type != "cpu":
+                if self.sharded:  # forward-only, sharded like the policy
+                    shard(self.reference.to(acc.device), self.fsdp_plugin, acc.device)
+                elif cfg.model.reference_offload and acc.device.type != "cpu":
                     from accelerate import cpu_offload
 
                     cpu_offload(self.reference, execution_device=acc.device)
                 else:
                     self.reference.to(acc.device)
             unet.to(acc.device)
+            if self.sharded:  # parameters become DTensors split over the processes; the optimizer is built on them below
+                shard(unet, self.fsdp_plugin, acc.device)
         self.teacher = None  # an EMA copy of the policy as it starts (Self-NPO), made before training changes it
         if self.method.needs.teacher_decay is not None:
             self.teacher = EMATeacher(unet, self.method.needs.teacher_decay)
@@ -182,7 +214,10 @@ class PreferenceTrainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(params, decay=cfg.train.ema.decay)
-        self.unet, self.optimizer = acc.prepare(unet, optimizer)
+        if self.sharded:  # already sharded: no DDP wrapper (accelerate would add one on the CPU fallback)
+            self.unet, self.optimizer = unet, acc.prepare_optimizer(optimizer)
+        else:
+            self.unet, self.optimizer = acc.prepare(unet, optimizer)
 
         scheduler = self.components.scheduler
         self.schedule = Schedule(scheduler.alphas_cumprod.float(), self.components.prediction_type)
@@ -260,10 +295,11 @@ class PreferenceTrainer:
     def describe(self) -> str:
         c, n = self.cfg.train, self.accelerator.num_processes
         data = f"{len(self.prompts)} prompts" if self.online else f"{len(self.dataset)} items"
-        return (
+        line = (
             f"{self.method.name} · {self.components.family} · {self.cfg.model.finetune} · {data} · "
             f"global batch {c.batch_size} × {c.grad_accum} accum × {n} proc = {c.batch_size * c.grad_accum * n} · lr {self.lr:g}"
         )
+        return line + (f" · FSDP2: {shard_summary(self.unet)}" if self.sharded else "")
 
     # ------------------------------------------------------------------------------------------ train
 
@@ -354,7 +390,10 @@ class PreferenceTrainer:
         lr = self.lr_schedule.get_last_lr()[0]  # the lr this step uses
         grad_norm = None
         if skip is None and cfg.optim.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(self.trainable, cfg.optim.max_grad_norm)
+            if self.sharded:  # the norm over every shard (a DTensor until made whole)
+                grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.optim.max_grad_norm))
+            else:
+                grad_norm = acc.clip_grad_norm_(self.trainable, cfg.optim.max_grad_norm)
             if getattr(acc, "scaler", None) is None and not self._finite_everywhere(torch.as_tensor(grad_norm)):
                 skip = f"non-finite gradient norm {float(grad_norm)} at step {self.step}"
         stepped = False
@@ -444,6 +483,8 @@ class PreferenceTrainer:
     def _identity(self) -> dict:
         ident = {k: _dotted(self.cfg, k) for k in IDENTITY_FIELDS}
         ident["num_processes"] = self.accelerator.num_processes
+        if self.sharded:  # a sharded checkpoint holds no trainable.safetensors: never resumed data-parallel, nor the reverse
+            ident["sharding"] = "fsdp2"
         ident["cache"] = self.manifest.get("fingerprint") or self.manifest.get("source_hash")
         ident["pairing_rules"] = PAIRING_RULES
         return ident
@@ -483,12 +524,14 @@ class PreferenceTrainer:
         ckpt.fault_point(f"checkpoint.write.rank{acc.process_index}")  # the kill tests' one dead rank
         if self.feed is not None:  # the rollout round in progress, this process's share
             self.feed.save(staging, self.step)
+        if self.sharded:  # every process writes its shards of the model and the optimizer state
+            save_sharded(staging / SHARDED_DIR, self.unet, self.optimizer.optimizer)
         if not acc.is_main_process:
             return
-        unet = acc.unwrap_model(self.unet)
-        save_safetensors(staging / "trainable.safetensors", trainable_state_dict(unet))
-        ckpt.fault_point("checkpoint.write")
-        torch_save(staging / "optimizer.pt", self.optimizer.state_dict())
+        if not self.sharded:
+            save_safetensors(staging / "trainable.safetensors", trainable_state_dict(acc.unwrap_model(self.unet)))
+            ckpt.fault_point("checkpoint.write")
+            torch_save(staging / "optimizer.pt", self.optimizer.state_dict())
         torch_save(staging / "lr_schedule.pt", self.lr_schedule.state_dict())
         if self.ema is not None:
             torch_save(staging / "ema.pt", self.ema.state_dict())
@@ -537,17 +580,11 @@ class PreferenceTrainer:
         diffs = _identity_diffs(state["identity"], self._identity())
         if diffs:
             raise TrainingError(f"cannot resume from {path}: the run differs in " + "; ".join(diffs))
-        unet = self.accelerator.unwrap_model(self.unet)
-        saved = load_safetensors(path / "trainable.safetensors")
-        own = dict(unet.named_parameters())
-        expected = {n for n, p in own.items() if p.requires_grad}
-        if set(saved) != expected:
-            missing, extra = sorted(expected - set(saved))[:3], sorted(set(saved) - expected)[:3]
-            raise TrainingError(f"{path / 'trainable.safetensors'}: parameter names differ (missing {missing}, unexpected {extra})")
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                own[name].copy_(tensor)
-        self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
+        if self.sharded:
+            load_sharded(path / SHARDED_DIR, self.unet, self.optimizer.optimizer)
+        else:
+            self._load_trainable(path)
+            self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
         self.lr_schedule.load_state_dict(torch_load(path / "lr_schedule.pt"))
         self._apply_changed_settings(path)
         if self.ema is not None:
@@ -574,6 +611,18 @@ class PreferenceTrainer:
         self.skipped_steps, self.skips_in_a_row = state.get("skipped_steps", 0), state.get("skips_in_a_row", 0)
         return path
 
+    def _load_trainable(self, path: Path) -> None:
+        unet = self.accelerator.unwrap_model(self.unet)
+        saved = load_safetensors(path / "trainable.safetensors")
+        own = dict(unet.named_parameters())
+        expected = {n for n, p in own.items() if p.requires_grad}
+        if set(saved) != expected:
+            missing, extra = sorted(expected - set(saved))[:3], sorted(set(saved) - expected)[:3]
+            raise TrainingError(f"{path / 'trainable.safetensors'}: parameter names differ (missing {missing}, unexpected {extra})")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                own[name].copy_(tensor)
+
     def _apply_changed_settings(self, path: Path) -> None:
         """Settings outside the identity may change on resume: print each change, and give the restored optimizer and LR
         schedule this run's lr, betas, eps and weight decay (their saved state would silently keep the old ones)."""
@@ -597,6 +646,7 @@ class PreferenceTrainer:
         acc = self.accelerator
         final_dir = self.output_dir / "final"
         summary = self.metrics_log.summary()
+        full = full_state_dict(self.unet) if self.sharded else None  # gathered by every process, kept by the main one
         if acc.is_main_process:
             unet = acc.unwrap_model(self.unet)
             if self.ema is not None:
@@ -607,6 +657,9 @@ class PreferenceTrainer:
                 weights = save_lora(unet, final_dir, self.components.family).name
                 if self.cfg.train.export_kohya:
                     save_lora_kohya(unet, final_dir)
+            elif self.sharded:
+                save_full_unet(unet, full, final_dir / "unet")
+                weights = "unet/"
             else:
                 unet.save_pretrained(final_dir / "unet")
                 weights = "unet/"

@@ -1,4 +1,5 @@
-"""Cost of one training step of each offline method, relative to a Diffusion-DPO step on the same model, batch and data.
+"""Cost of one training step of each offline method, against its own floor and against a Diffusion-DPO step on the same
+model, batch and data.
 
 Every variant is a real `PreferenceTrainer` (`PreferenceTrainer(cfg).setup(components)`, then `optimizer_step()`)
 built from the same config (the `toy/dpo` recipe's model, LoRA, data, optimizer and batch) with only the `method`
@@ -26,6 +27,7 @@ sequential calls are the inversion's UNet calls one after another (max over the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import platform
 import statistics
@@ -56,6 +58,9 @@ VARIANTS: dict[str, dict] = {
     "rankdpo, K = 4": {"name": "rankdpo"},
     "dense, weighted": {"name": "dense"},
     "dense, sampled": {"name": "dense", "variant": "sampled"},
+    "sft": {"name": "sft"},
+    "npo": {"name": "npo"},
+    "self_npo, K = 5": {"name": "self_npo"},
 }
 
 
@@ -82,21 +87,30 @@ def variant_config(base: dict, method: dict, workdir: Path, tag: str):
 
 class Counter:
     """UNet rows per step, by kind: 'train' (policy forward with gradients), 'reference' (the reference's training
-    forward), 'inversion' (no-gradient calls of either UNet inside the inversion); plus the inversion's call count
-    and the t of each step's batch."""
+    forward), 'inversion' (no-gradient calls of either UNet inside the inversion), 'teacher' (Self-NPO's EMA teacher);
+    plus the sequential call counts of the inversion and the teacher, the t of each step's batch, and the first
+    training call's inputs (what the floor replays)."""
 
     def __init__(self, trainer):
-        self.rows = {"train": 0, "reference": 0, "inversion": 0}
-        self.inversion_calls = 0
+        self.rows = {"train": 0, "reference": 0, "inversion": 0, "teacher": 0}
+        self.inversion_calls = self.teacher_calls = 0
         self.t: torch.Tensor | None = None
+        self.sample: tuple | None = None
         models, method = trainer.models, trainer.method
-        policy, reference, loss = models.policy, models.reference, method.loss
+        policy, reference, teacher, loss = models.policy, models.reference, models.teacher, method.loss
 
         def count_policy(x_t, t, cond):
             kind = "train" if torch.is_grad_enabled() else "inversion"
             self.rows[kind] += x_t.shape[0]
             self.inversion_calls += kind == "inversion"
+            if kind == "train" and self.sample is None:
+                self.sample = (x_t.detach().clone(), t.clone(), cond)
             return policy(x_t, t, cond)
+
+        def count_teacher(x_t, t, cond):
+            self.rows["teacher"] += x_t.shape[0]
+            self.teacher_calls += 1
+            return teacher(x_t, t, cond)
 
         def count_reference(x_t, t, cond):
             kind = "reference" if torch.is_grad_enabled() else "inversion"  # the inversion predicts under no_grad
@@ -108,13 +122,62 @@ class Counter:
             self.t = batch.t.clone()
             return loss(models_, batch, draws)
 
-        models.policy, models.reference, method.loss = count_policy, count_reference, record_loss
+        models.policy, models.reference, models.teacher, method.loss = count_policy, count_reference, count_teacher, record_loss
 
     def take(self) -> dict:
-        out = {**self.rows, "inversion_calls": self.inversion_calls, "t": self.t.tolist()}
+        out = {**self.rows, "inversion_calls": self.inversion_calls, "teacher_calls": self.teacher_calls, "t": self.t.tolist()}
         self.rows = dict.fromkeys(self.rows, 0)
-        self.inversion_calls = 0
+        self.inversion_calls = self.teacher_calls = 0
         return out
+
+
+class Floor:
+    """A variant's own floor: only the UNet work its step cannot avoid, replayed from the step's counted forwards on
+    inputs captured once (no data loading, noising, batch building, loss algebra or metrics):
+
+        one policy forward + backward over the step's training rows (one call, whatever the method's call pattern),
+        one reference forward over its reference rows (LoRA: adapters disabled; full: the frozen copy),
+        its inversion and teacher calls, one after another, each over its rows (they are sequential by nature),
+        gradient clip and AdamW step.
+
+    It trains its own copy of the variant's UNet with its own AdamW (the variant's weights and moments stay its own).
+    ``ours ÷ floor`` is then what the method's code adds to the work it must do."""
+
+    def __init__(self, trainer, sample, inversion_model: str = "policy"):
+        from diffalign.models.lora import adapters_disabled
+
+        self.unet = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.unet))
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-6)
+        self.frozen, self.lora, self.disabled = trainer.reference, trainer.lora, adapters_disabled
+        self.inversion_model = inversion_model  # the UNet that inverts (InPO's option): the policy or the reference
+        self.device, self.dtype, self.autocast = trainer.accelerator.device, trainer.weight_dtype, trainer.accelerator.autocast
+        x_t, t, cond = sample
+        self.x, self.t, self.cond = x_t.to(self.device, self.dtype), t.to(self.device), cond.to(self.device, self.dtype)
+
+    def _reference(self):
+        """The reference UNet, as a context: the policy with adapters disabled (LoRA), or the frozen copy (full)."""
+        return self.disabled(self.unet) if self.lora else contextlib.nullcontext(self.frozen)
+
+    def _forward(self, unet, rows: int):
+        index = torch.arange(rows) % self.x.shape[0]
+        with self.autocast():
+            return unet(sample=self.x[index], timestep=self.t[index], **self.cond.select(index).unet_kwargs()).sample
+
+    def step(self, counts: dict) -> None:
+        self._forward(self.unet, counts["train"]).float().pow(2).mean().backward()
+        with torch.no_grad():
+            if counts["reference"]:
+                with self._reference() as reference:
+                    self._forward(reference, counts["reference"])
+            with self._reference() if self.inversion_model == "reference" else contextlib.nullcontext(self.unet) as inverting:
+                for _ in range(counts["inversion_calls"]):
+                    self._forward(inverting, counts["inversion"] // counts["inversion_calls"])
+            for _ in range(counts["teacher_calls"]):  # the teacher is a copy of the policy: the same cost
+                self._forward(self.unet, counts["teacher"] // counts["teacher_calls"])
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def predicted_inversion(method: dict, t: torch.Tensor, num_train_timesteps: int) -> tuple[int, int]:
@@ -159,11 +222,15 @@ def measure(args, model: str, workdir: Path) -> dict:
         trainers[name], counters[name] = trainer, Counter(trainer)
     T = trainers["dpo"].batch_rules.num_train_timesteps
     items = len(trainers["dpo"].dataset)
-    for _ in range(args.warmup):
+    floors = {}
+    for _ in range(max(args.warmup, 1)):  # at least one untimed step: it captures the inputs each floor replays
         for name in names:
             trainers[name].optimizer_step()
-            counters[name].take()
+            count = counters[name].take()
+            floors.setdefault(name, Floor(trainers[name], counters[name].sample, VARIANTS[name].get("inversion_model", "policy")))
+            floors[name].step(count)
     seconds = {n: [] for n in names}
+    floor_seconds = {n: [] for n in names}
     counts = {n: [] for n in names}
     for r in range(args.rounds):
         k = r % len(names)
@@ -174,6 +241,9 @@ def measure(args, model: str, workdir: Path) -> dict:
             if not all(torch.isfinite(torch.tensor(v)) for v in out.values()):
                 print(f"warning: {model} {name}: non-finite metrics in round {r}: {out}", flush=True)
             counts[name].append(counters[name].take())
+            t0 = time.perf_counter()  # the variant's floor, replaying this very step's forwards
+            floors[name].step(counts[name][-1])
+            floor_seconds[name].append(time.perf_counter() - t0)
         ratios = ", ".join(f"{seconds[n][-1] / seconds['dpo'][-1]:.2f}" for n in names[1:])
         print(f"{model}: round {r + 1}/{args.rounds}: dpo {seconds['dpo'][-1] * 1e3:.0f} ms; ratios {ratios}", flush=True)
     rows = {}
@@ -191,10 +261,15 @@ def measure(args, model: str, workdir: Path) -> dict:
                 )
             inv_rows.append(c["inversion"] / pair_rows)
             seq_calls.append(c["inversion_calls"])
+        over_floor = [s / f for s, f in zip(seconds[name], floor_seconds[name])]
         rows[name] = {
             "method": method,
+            "floor_ratio_median": statistics.median(over_floor),
+            "floor_ratio_q1_q3": quartiles(over_floor),
+            "floor_ms_median": 1e3 * statistics.median(floor_seconds[name]),
+            "teacher_forwards": statistics.mean(c["teacher"] / pair_rows for c in counts[name]),
             "ratio_median": statistics.median(ratios),
-            "ratio_q1_q3": [statistics.quantiles(ratios, n=4)[0], statistics.quantiles(ratios, n=4)[2]] if len(ratios) > 1 else None,
+            "ratio_q1_q3": quartiles(ratios),
             "ratio_of_medians": statistics.median(seconds[name]) / statistics.median(seconds["dpo"]),
             "ms_median": 1e3 * statistics.median(seconds[name]),
             "train_forwards": statistics.mean(c["train"] / pair_rows for c in counts[name]),
@@ -212,25 +287,39 @@ def measure(args, model: str, workdir: Path) -> dict:
     return {"model": MODELS[model], "unet_params": params, "items": items, "prepare_seconds": prepare_s, "num_train_timesteps": T, "variants": rows}
 
 
+def quartiles(values: list[float]) -> list[float] | None:
+    """[Q1, Q3] of the rounds (None for one round)."""
+    if len(values) < 2:
+        return None
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
+
+
 def markdown(model: str, res: dict, args) -> str:
     lines = [
         f"**{model}** (`{res['model']}`, UNet {res['unet_params'] / 1e6:.2f} M params, {args.finetune}, {args.batch} items × "
         f"32 px per step, {res['items']} cached items, {args.rounds} interleaved rounds after {args.warmup} warm-up)",
         "",
-        "| variant | time ÷ DPO (median of rounds) | IQR | policy fwd+bwd | reference fwd | inversion fwd (this run) | "
-        "inversion fwd E[t~U] | sequential inversion calls | ms/step (median) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | time ÷ own floor (median of rounds) | IQR | time ÷ DPO (median of rounds) | IQR | policy fwd+bwd | reference fwd | "
+        "inversion fwd (this run) | inversion fwd E[t~U] | sequential inversion calls | teacher fwd | ms/step (median) | floor ms/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def iqr(q) -> str:
+        return "–" if q is None else f"{q[0]:.2f}–{q[1]:.2f}"
+
     for name, r in res["variants"].items():
-        iqr = "–" if r["ratio_q1_q3"] is None else f"{r['ratio_q1_q3'][0]:.2f}–{r['ratio_q1_q3'][1]:.2f}"
         inv = "0" if not r["inversion_forwards_mean"] else f"{r['inversion_forwards_mean']:.2f}"
         exp = "0" if not r["inversion_forwards_expected"] else f"{r['inversion_forwards_expected']:.2f}"
         seq = "0" if not r["inversion_sequential_calls_mean"] else f"{r['inversion_sequential_calls_mean']:.1f}"
         lines.append(
-            f"| {name} | **{r['ratio_median']:.2f}** | {iqr} | {r['train_forwards']:g} | {r['reference_forwards']:g} | "
-            f"{inv} | {exp} | {seq} | {r['ms_median']:.0f} |"
+            f"| {name} | **{r['floor_ratio_median']:.2f}** | {iqr(r['floor_ratio_q1_q3'])} | **{r['ratio_median']:.2f}** | "
+            f"{iqr(r['ratio_q1_q3'])} | {r['train_forwards']:g} | {r['reference_forwards']:g} | {inv} | {exp} | {seq} | "
+            f"{r['teacher_forwards']:g} | {r['ms_median']:.0f} | {r['floor_ms_median']:.0f} |"
         )
-    lines += ["", "Forwards are in pair forwards (one UNet forward over the 2B images of a DPO step's B pairs)."]
+    lines += ["", "Forwards are in pair forwards (one UNet forward over the 2B images of a DPO step's B pairs). The floor replays "
+              "each step's counted forwards alone (`Floor`: one policy forward + backward, the reference forward, the inversion "
+              "or teacher calls one after another, clip, AdamW), right after the step, on its own copy of the weights."]
     per = {n: r["step_cost_per_inversion_forward"] for n, r in res["variants"].items() if r["step_cost_per_inversion_forward"]}
     if per:
         lines.append(

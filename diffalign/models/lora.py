@@ -39,12 +39,23 @@ def attach_lora(unet: UNet2DConditionModel, cfg: LoraConfig) -> None:
 
 @contextlib.contextmanager
 def adapters_disabled(unet: UNet2DConditionModel):
-    """Run the base model: the LoRA reference ε_ref of preference objectives."""
-    unet.disable_adapters()
+    """Run the base model: the LoRA reference ε_ref of preference objectives.
+
+    What diffusers' ``disable_adapters`` / ``enable_adapters`` do (each peft tuner layer's ``enable_adapters``), without
+    their per-call peft version check: a third of the time on the toy UNet (0.8 ms instead of 2.4 ms per use), which
+    InPO's reference inversion pays once per sequential UNet call."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError("adapters_disabled: the UNet has no LoRA adapters")
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
         yield unet
     finally:
-        unet.enable_adapters()
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def save_lora(unet: UNet2DConditionModel, directory: str | Path, family: str) -> Path:

@@ -149,3 +149,39 @@ def test_v_prediction_trains_against_the_velocity_target(tmp_path, demo_parquet,
     # v = √ᾱ·ε - √(1-ᾱ)·x0 differs from ε wherever x0 ≠ 0: winner and loser share ε, so their v-targets differ
     assert not torch.allclose(target[: len(target) // 2], target[len(target) // 2 :])
     assert torch.isfinite(torch.tensor(_rows(t)[0]["loss"]))
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+@pytest.mark.parametrize("option", ["model.channels_last=true", "optim.fused=true", "model.sdpa_backend=flash", "model.sdpa_backend=math",
+                                    "model.compile=true"])
+def test_a_speed_option_gives_the_same_steps(tmp_path, demo_parquet, option, finetune, monkeypatch):
+    """Each speed option trains the same two steps as the defaults (float rounding aside) and checkpoints the same keys;
+    compile in place: no ``_orig_mod`` in any name. Compile runs with dynamo's 'eager' backend here (the graph capture
+    and our plumbing, in seconds; inductor's kernels take minutes to build on 2 cores and are timed, with their
+    rounding, in benchmarks/speed_options.py)."""
+    compile_in_place = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_in_place(self, backend="eager"))
+    common = ["train.max_steps=2", "optim.eps=1e-4", "optim.warmup_steps=0", f"model.finetune={finetune}"]
+    plain = _trainer(tmp_path, demo_parquet, "plain", *common)
+    plain.train()
+    fast = _trainer(tmp_path, demo_parquet, "fast", *common, option)
+    if option == "model.compile=true":
+        assert fast.unet._compiled_call_impl is not None and (fast.reference is None or fast.reference._compiled_call_impl is not None)
+    if option == "model.channels_last=true":
+        conv = fast.unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    fast.train()
+    a, b = _trainable(plain), _trainable(fast)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)  # Adam at lr 1e-3, eps 1e-4: rounding moves a weight < 1e-4
+    for key in ("loss", "grad_norm"):  # step 1 to rounding; step 2 starts from weights that differ by it (β 5000 amplifies)
+        (one, two), (one_fast, two_fast) = [r[key] for r in _rows(plain)], [r[key] for r in _rows(fast)]
+        assert one_fast == pytest.approx(one, rel=1e-5) and two_fast == pytest.approx(two, rel=1e-3)
+    saved = load_safetensors(tmp_path / "fast" / "checkpoints" / "step-00000002" / "trainable.safetensors")
+    assert saved.keys() == load_safetensors(tmp_path / "plain" / "checkpoints" / "step-00000002" / "trainable.safetensors").keys()
+
+
+def test_a_cuda_only_attention_kernel_says_it_does_nothing_on_the_cpu(tmp_path, demo_parquet, capsys):
+    _trainer(tmp_path, demo_parquet, "eff", "model.sdpa_backend=efficient")
+    assert "model.sdpa_backend = efficient is a CUDA kernel: on cpu PyTorch chooses" in capsys.readouterr().out

@@ -69,6 +69,18 @@ class ModelConfig(Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in the backward pass to save memory.")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernel: PyTorch SDPA, or xformers when installed.")
+    sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = Field(
+        "auto", description="SDPA kernel of the training forwards: 'auto' lets PyTorch choose; 'flash' (CUDA, and CPU), 'efficient' and "
+        "'cudnn' (CUDA only: on the CPU a no-op with a message) or 'math' force one. Measured: benchmarks/speed_options.py.",
+    )
+    channels_last: bool = Field(
+        False, description="Keep the UNet's conv weights in channels-last memory format (faster convolutions on recent GPUs; "
+        "measured on the CPU in benchmarks/speed_options.py).",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the trained UNet (in place: checkpoint keys unchanged; full fine-tune also the reference). "
+        "The first steps pay the compile time; with LoRA, the reference forward (adapters off) compiles a second graph.",
+    )
 
     @field_validator("pretrained")
     @classmethod
@@ -395,6 +407,10 @@ class OptimConfig(Section):
     )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup optimizer steps.")
     max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm; null disables (official: 1.0).")
+    fused: bool = Field(
+        False, description="AdamW's fused kernel (CUDA, and CPU) instead of its multi-tensor one: the same update in fewer kernel "
+        "launches. Measured: benchmarks/speed_options.py.",
+    )
 
     @field_validator("max_grad_norm")
     @classmethod

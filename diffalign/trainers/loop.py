@@ -60,6 +60,7 @@ from diffalign.trainers.sharding import (
     shard,
     shard_summary,
 )
+from diffalign.trainers.speed import apply_speed_options, sdpa_context
 from diffalign.trainers.teacher import EMATeacher
 from diffalign.trainers.validation import Validation, check_validation_scorers
 
@@ -200,6 +201,9 @@ class PreferenceTrainer:
             except ImportError:
                 raise TrainingError("model.attention = xformers needs xformers: pip install 'diffalign[xformers]'") from None
             unet.enable_xformers_memory_efficient_attention()
+        for note in apply_speed_options(cfg.model, unet, self.reference, acc.device):
+            if acc.is_main_process:
+                print(f"diffalign train: {note}", flush=True)
         unet.train()
         for module in (self.components.vae, *self.components.text_encoders):
             module.requires_grad_(False)
@@ -230,7 +234,7 @@ class PreferenceTrainer:
                 caption_dropout=cfg.data.caption_dropout,
             )
         self.models = Models(self.unet, acc, self.schedule, self.weight_dtype, lora=self.lora, frozen_reference=self.reference,
-                             teacher=self.teacher.unet if self.teacher else None)
+                             teacher=self.teacher.unet if self.teacher else None, attention=sdpa_context(cfg.model.sdpa_backend, acc.device))
 
         # 4. where to start
         self.step, self.micro_batch = 0, 0

@@ -11,6 +11,7 @@ missing declaration. Online methods get their scorers through the rollout feed (
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +45,10 @@ class Models:
     """What a method may run: the policy, the reference, an optional teacher, and the schedule."""
 
     def __init__(self, unet, accelerator, schedule: Schedule, dtype: torch.dtype, *, lora: bool, frozen_reference=None,
-                 teacher: torch.nn.Module | None = None):
+                 teacher: torch.nn.Module | None = None, attention=contextlib.nullcontext):
         self._unet, self._acc, self._lora, self._frozen = unet, accelerator, lora, frozen_reference
         self.schedule, self.dtype, self._teacher = schedule, dtype, teacher
+        self._attention = attention  # a context factory: the SDPA kernel of `model.sdpa_backend` (`diffalign.trainers.speed`)
 
     @property
     def device(self) -> torch.device:
@@ -54,7 +56,7 @@ class Models:
 
     def _run(self, unet, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         kw = cond.to(self.device, self.dtype).unet_kwargs()
-        with self._acc.autocast():
+        with self._acc.autocast(), self._attention():
             return unet(sample=x_t.to(self.device, self.dtype), timestep=t.to(self.device), **kw).sample
 
     def policy(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:

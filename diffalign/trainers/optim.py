@@ -15,7 +15,10 @@ def effective_lr(cfg: OptimConfig, batch_size: int, grad_accum: int, num_process
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        kernel = {"fused": True} if cfg.fused else {}
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **kernel)
+    if cfg.fused:
+        raise ConfigError(f"optim.fused applies to optim.optimizer = adamw, not {cfg.optimizer}")
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb

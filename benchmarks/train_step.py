@@ -176,9 +176,9 @@ def demo_source(args) -> dict:
 
 def ours_config(args, workdir: Path, tag: str):
     """The diffalign `Config` of the 'ours' variant (the cache lives in `workdir/cache`)."""
-    from diffalign.config import validate_config
+    from diffalign.config import apply_overrides, validate_config
 
-    return validate_config(
+    raw = apply_overrides(
         {
             "model": {
                 "pretrained": f"benchmark:{args.preset}",  # components are passed to setup(), never loaded
@@ -208,8 +208,9 @@ def ours_config(args, workdir: Path, tag: str):
             },
             "log": {"tracker": "none", "progress": False},
         },
-        origin="benchmarks/train_step.py",
+        args.set,  # --set: the speed options, toggled for 'ours' only
     )
+    return validate_config(raw, origin="benchmarks/train_step.py")
 
 
 def prepare_ours_cache(args, components, device: torch.device, workdir: Path) -> Path:
@@ -531,6 +532,7 @@ def memory_in_subprocesses(args, workdir: Path) -> dict[str, dict]:
               "--lora-rank", str(args.lora_rank), "--workers", str(args.workers), "--seed", str(args.seed),
               "--gradient-checkpointing", "on" if args.gradient_checkpointing else "off", "--workdir", str(workdir)]
     common += ["--tf32"] if args.tf32 else []
+    common += [f"--set={o}" for o in args.set]
     names = ("baseline", *VARIANTS)
     cores = os.cpu_count() or 1
     parallel = 1 if args.device.startswith("cuda") else min(len(names), cores)
@@ -641,6 +643,19 @@ def flop_model(args) -> dict:
 # ----------------------------------------------------------------------------------------- reporting
 
 
+# Dense tensor-core peaks in TFLOP/s (vendor datasheets, SXM parts, without sparsity): fp16/bf16, and tf32 for fp32 runs.
+PEAK_TFLOPS = {"H200": {"half": 989.0, "tf32": 494.5}, "H100": {"half": 989.0, "tf32": 494.5}, "A100": {"half": 312.0, "tf32": 156.0},
+               "L40S": {"half": 362.0, "tf32": 183.0}, "A10G": {"half": 125.0, "tf32": 62.5}}
+
+
+def peak_tflops(gpu: str | None, mixed_precision: str) -> float | None:
+    """The datasheet peak of a known GPU at the run's precision (None for an unknown one: pass --peak-tflops)."""
+    for name, peaks in PEAK_TFLOPS.items():
+        if gpu and name in gpu:
+            return peaks["tf32" if mixed_precision == "no" else "half"]
+    return None
+
+
 def machine(device: torch.device) -> dict:
     import accelerate
     import diffusers
@@ -720,6 +735,10 @@ def markdown(result: dict) -> str:
         lines += ["", f"Peak RSS includes a {base:,.0f} MiB baseline (a process that only imports the same libraries); "
                   "absolute peaks: " + ", ".join(f"{n} {rows[n]['peak_rss_mib']:,.0f} MiB" for n in VARIANTS) + "."]
     fm = result.get("flops")
+    peak = result.get("peak_tflops")
+    if fm and peak:
+        mfu = ", ".join(f"{n} {fm['per_step_gflops'][n] / rows[n]['ms_median'] / peak * 100:.1f}%" for n in VARIANTS)  # GFLOP/ms = TFLOP/s
+        lines += ["", f"MFU (FLOP model ÷ median step time ÷ {peak:g} TFLOP/s peak): {mfu}."]
     if fm:
         p = fm["per_step_gflops"]
         lines += ["", f"FLOP model (per step): ours ≈ floor = {p['floor']:,.1f} GFLOP; reference = {p['reference']:,.1f} GFLOP "
@@ -757,6 +776,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in every process (default: torch's choice)")
     p.add_argument("--workdir", type=Path, default=None, help="where the cache and trainer outputs go (default: a temporary directory)")
     p.add_argument("--flops-only", action="store_true", help="print the FLOP model (meta device) and exit")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of the 'ours' config, e.g. model.channels_last=true (the speed options; benchmarks/gpu_profile.sh)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense peak at the run's precision, for MFU (default: a table of known GPUs; CPU: none)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -853,6 +876,7 @@ def main(argv=None) -> dict | None:
                        "note": {"rss": "peak RSS (VmHWM) of a fresh process per variant, minus the baseline process's (imports only)",
                                 "cuda": "torch.cuda.max_memory_allocated, reset per variant", "off": "not measured"}[kind]},
             "flops": fm,
+            "peak_tflops": args.peak_tflops or (peak_tflops(info.get("gpu"), args.mixed_precision) if device.type == "cuda" else None),
             "what": WHAT,
             "seconds": round(time.perf_counter() - started, 1),
             "phases_s": {k: round(v, 1) for k, v in phases.items()},

@@ -71,6 +71,30 @@ def test_inpo_inverts_with_the_chosen_unet_and_trains(demo_trainer):
     assert not torch.equal(loss.detach(), other.detach())
 
 
+def test_a_reference_session_switches_the_adapters_off_once(demo_trainer, monkeypatch):
+    """Inside `reference_session` (the inversion's many calls) the reference is the same prediction as a lone call's,
+    the adapters go off and on once, and the policy is refused; the policy after it is the policy again."""
+    from diffalign.trainers import models as models_module
+
+    trainer, batch, _ = demo_trainer
+    models, images = trainer.models, batch.all_images()
+    x, t, cond = batch.x0(images), batch.timesteps(batch.k), batch.cond(images)
+    alone, policy = models.reference(x, t, cond), models.policy(x, t, cond).detach()
+    uses, real = [], models_module.adapters_disabled
+
+    def counting(unet):
+        uses.append(unet)
+        return real(unet)
+
+    monkeypatch.setattr(models_module, "adapters_disabled", counting)
+    with models.reference_session():
+        held = [models.reference(x, t, cond) for _ in range(3)]
+        with pytest.raises(RuntimeError, match="reference_session"):
+            models.policy(x, t, cond)
+    assert len(uses) == 1 and all(torch.equal(h, alone) for h in held)
+    assert not torch.equal(alone, policy) and torch.equal(models.policy(x, t, cond).detach(), policy)
+
+
 def test_smpo_with_equal_rewards_has_loss_log2_and_no_gradient(demo_trainer):
     trainer, batch, draws = demo_trainer
     method = _method("smpo", inversion_steps=2, score_bounds="[0.0, 1.0]")

@@ -49,6 +49,7 @@ class Models:
         self._unet, self._acc, self._lora, self._frozen = unet, accelerator, lora, frozen_reference
         self.schedule, self.dtype, self._teacher = schedule, dtype, teacher
         self._attention = attention  # a context factory: the SDPA kernel of `model.sdpa_backend` (`diffalign.trainers.speed`)
+        self._held = False  # inside `reference_session`: LoRA adapters already off
 
     @property
     def device(self) -> torch.device:
@@ -61,12 +62,30 @@ class Models:
 
     def policy(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The trained UNet's prediction (ε or v), with gradients."""
+        if self._held:
+            raise RuntimeError("models.policy inside models.reference_session(): the LoRA adapters are off there")
         return self._run(self._unet, x_t, t, cond)
+
+    @contextlib.contextmanager
+    def reference_session(self):
+        """Hold the reference for many calls (an inversion's sequential UNet calls): with LoRA the adapters go off once for
+        all of them instead of off and on around each call; `policy` is refused inside. A no-op for a full fine-tune."""
+        if not self._lora or self._held:
+            yield
+            return
+        with adapters_disabled(self._acc.unwrap_model(self._unet)):
+            self._held = True
+            try:
+                yield
+            finally:
+                self._held = False
 
     @torch.no_grad()
     def reference(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The reference UNet's prediction, without gradients: adapters disabled (LoRA) or the frozen copy (full)."""
         if self._lora:
+            if self._held:  # adapters already off
+                return self._run(self._acc.unwrap_model(self._unet), x_t, t, cond)
             with adapters_disabled(self._acc.unwrap_model(self._unet)) as base:
                 return self._run(base, x_t, t, cond)
         if self._frozen is None:

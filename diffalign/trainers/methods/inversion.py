@@ -8,6 +8,8 @@ resumed run inverts identically. The math (grids, ReNoise, the implied noise) is
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from diffalign.diffusion import invert
@@ -33,5 +35,6 @@ def inverted_latents(models: Models, batch: LatentBatch, images: torch.Tensor, x
         per_item = torch.stack(draws.per_item("inversion", lambda g: torch.randn(shape, generator=g)), dim=2)  # (steps, n, B, ...)
         noise = per_item.flatten(1, 2).to(models.device)  # (steps, n·B, ...), image-major
     x0 = x0.to(models.device, torch.float32)
-    return invert(x0, t.to(models.device), predict, models.schedule.alphas_cumprod.to(models.device), num_steps=steps,
-                  semantics=semantics, eta=eta, noise=noise, renoise=renoise, prediction_type=models.schedule.prediction_type)
+    with models.reference_session() if model == "reference" else contextlib.nullcontext():  # LoRA: adapters off once, not per call
+        return invert(x0, t.to(models.device), predict, models.schedule.alphas_cumprod.to(models.device), num_steps=steps,
+                      semantics=semantics, eta=eta, noise=noise, renoise=renoise, prediction_type=models.schedule.prediction_type)

@@ -134,6 +134,7 @@ def _bench_settings(args: argparse.Namespace):
     from diffalign.eval.toybench import DEMO, QUICK, BenchSettings
 
     settings = BenchSettings(methods=tuple(m for m in args.methods.split(",") if m), workdir=Path(args.workdir), overrides=tuple(args.set),
+                             train_seeds=getattr(args, "train_seeds", 1),
                              eval_split=args.eval_split, cache_root=Path(args.cache_root) if args.cache_root else None,
                              ledger=Path(args.ledger) if args.ledger else None, fresh=args.fresh)
     if args.quick:  # the CI-size configuration: the direction, not the number
@@ -483,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     text = "train methods on the toy world and report win-rates against the base model"
     p = bench.add_parser("toy", help=text, description=text)
-    p.add_argument("--methods", default="dpo", help="comma-separated methods (SFT on the winners is always added)")
+    p.add_argument("--methods", default="dpo", help="comma-separated methods, or all (SFT on the winners is always added)")
+    p.add_argument("--train-seeds", type=int, default=1, help="training seeds per method (train.seed + 0..N-1, the same data); "
+                   "the report combines them (each (method, seed) is cached, so a long table builds across runs)")
     p.add_argument("--out", default="outputs/bench_toy/report.json", help="report JSON path (a .md table and a .png grid beside it)")
     p.add_argument("--workdir", default="outputs/bench_toy", help="where runs.json lists the run directories this report used")
     p.add_argument("--quick", action="store_true", help="a small configuration (minutes): checks the direction only")

@@ -52,6 +52,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -77,6 +78,8 @@ from diffalign.toy.checklist import TOY_CHECKLIST
 from diffalign.toy.scenes import HELD_OUT, TRAIN
 
 SCORER = "toy-checklist"
+# `--methods all`: every trainer with a toy recipe (configs/toy/<method>.yaml), offline then online
+ALL_METHODS = ("sft", "dpo", "inpo", "smpo", "rankdpo", "dense", "npo", "self_npo", "dense_online", "tailorpo", "pref_grpo", "grpo")
 BEST_GUIDANCE = "base-best-guidance"  # the samples folder (beside the report) of the base model at its best guidance scale
 
 
@@ -103,6 +106,10 @@ class BenchSettings:
     guidance_grid: tuple[float, ...] = (1.5, 2.0, 3.0, 4.0, 5.0, 7.5)
     guidance_prompts: int | None = None  # training captions to choose on, spread over the split (None: all 100)
     guidance_seeds: int = 2  # samples per training caption and scale (seeds unlike the evaluation's and the data's)
+    # Training seeds per method: seed s trains with train.seed = the recipe's + s on the same data and is evaluated on the
+    # same samples' prompts and seeds; its row is "<method> (seed s)" (s = 0: "<method>", the cell earlier runs cached).
+    # With more than one, the report's ``seeds`` section combines them (`diffalign.eval.winrate.win_rate_over_seeds`).
+    train_seeds: int = 1
 
 
 # The CI-size configuration (`diffalign bench toy --quick`, tests/test_toybench.py): one ranked list per training
@@ -211,12 +218,24 @@ def run_key(cfg: Config, code: str, data: str | None = None) -> str:
     return _digest({"config": dumped, "data": data_key(cfg) if data is None else data, "code": code, "numerics": numerics()})
 
 
-def method_config(name: str, settings: BenchSettings, code: str | None = None) -> Config:
+def folder_name(row: str) -> str:
+    """The samples folder of a report row: runs of other characters than letters, digits, '.', '+' and '-' become one '_'
+    ("dpo (seed 1)" -> "dpo_seed_1", "base + NPO-CFG (npo)" -> "base_+_NPO-CFG_npo")."""
+    return re.sub(r"[^\w.+-]+", "_", row).strip("_")
+
+
+def cell_name(method: str, train_seed: int) -> str:
+    """The report's row of one (method, training seed): the method's name for seed 0, else "<method> (seed s)"."""
+    return method if train_seed == 0 else f"{method} (seed {train_seed})"
+
+
+def method_config(name: str, settings: BenchSettings, code: str | None = None, train_seed: int = 0) -> Config:
     """The method's shipped toy config, pointed at the bench's model, with its data and output under content keys.
 
     ``data.cache_dir`` becomes ``<cache_root>/data/<data_key(cfg)>`` and ``train.output_dir``
     ``<cache_root>/runs/<run_key(cfg, code)>`` (the bench owns both paths: overrides of them are replaced).
-    `code` is `source_digest()` (computed when not given).
+    `code` is `source_digest()` (computed when not given). `train_seed` s adds s to ``train.seed`` (after the overrides):
+    the same data, another training run.
     """
     path = shipped_config_path(f"toy/{name}")
     if path is None:
@@ -233,6 +252,8 @@ def method_config(name: str, settings: BenchSettings, code: str | None = None) -
     if settings.max_steps is not None:
         raw["train"]["max_steps"] = settings.max_steps
     raw = apply_overrides(raw, method_overrides(name, settings.overrides))
+    if train_seed:
+        raw["train"]["seed"] = raw["train"].get("seed", 0) + train_seed
     origin = f"{path} (bench toy)"
     cfg = validate_config(raw, origin=origin)
     root = resolve_cache_root(settings)
@@ -401,6 +422,9 @@ def ledger_entry(report: dict, out: Path) -> dict:
         best = report["best_guidance"]
         entry["best_guidance"] = {"guidance_scale": best["guidance_scale"], **{k: best[k] for k in keys},
                                   **({"vs_dpo": {k: best["vs_dpo"][k] for k in keys}} if "vs_dpo" in best else {})}
+    if "seeds" in report:
+        keep = ("win_rate", "ci_low", "ci_high", "per_seed", "call")
+        entry["seeds"] = {m: {vs: {k: r[vs][k] for k in keep} for vs in r} for m, r in report["seeds"].items()}
     if "npo_cfg" in report:
         entry["npo_cfg"] = {label: {"positive": r["positive"], **{k: r[k] for k in keys}} for label, r in report["npo_cfg"].items()}
     return entry
@@ -448,6 +472,21 @@ def markdown_table(report: dict) -> str:
         seeds = choice["seeds_per_caption"]
         lines.append(f"Guidance chosen on {choice['captions']} training captions × {seeds} seed{'s' * (seeds != 1)} "
                      f"(mean overall checklist score per scale): {scales}")
+    if report.get("seeds"):
+        columns = [k for k in ("vs_base", "vs_dpo", "vs_best_guidance") if any(k in r for r in report["seeds"].values())]
+        title = {"vs_base": "vs base", "vs_dpo": "vs DPO (seed by seed)", "vs_best_guidance": "vs base at best guidance"}
+        seeds = next(iter(report["seeds"].values()))["vs_base"]["seeds"]
+        lines += ["", f"Across {seeds} training seeds: the seeds' mean win-rate [95% interval of the evaluation, one prompt bootstrap "
+                  "shared by the seeds] (seed min–max; the call: better/worse only when the interval and every seed agree):", "",
+                  "| method | " + " | ".join(title[c] for c in columns) + " |", "|---|" + "---|" * len(columns)]
+
+        def cell(r: dict | None) -> str:
+            if r is None:
+                return "—"
+            return f"{_interval(r)} ({r['seed_min']:.3f}–{r['seed_max']:.3f}; {r['call']})"
+
+        for name, r in report["seeds"].items():
+            lines.append(f"| {name} | " + " | ".join(cell(r.get(c)) for c in columns) + " |")
     if report.get("npo_cfg"):
         lines += ["", "Negative-preference CFG (α = β = 1), each against plain CFG with the same positive model, prompts and seeds:", "",
                   "| sampler | positive model | win-rate vs plain CFG [95% CI] | " + " | ".join(f"Δ{d}" for d in dims) + " | Δoverall |",
@@ -552,8 +591,16 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     root = resolve_cache_root(settings)
     ledger = Path(settings.ledger) if settings.ledger is not None else root / "ledger.jsonl"
     code = source_digest()
-    methods = ["sft", *(m for m in settings.methods if m != "sft")]
-    configs = {name: method_config(name, settings, code) for name in methods}
+    chosen = ALL_METHODS if "all" in settings.methods else settings.methods
+    unknown = sorted(set(chosen) - set(ALL_METHODS))
+    if unknown:
+        raise ValueError(f"--methods: no toy recipe for {', '.join(unknown)}; the methods: {', '.join(ALL_METHODS)} (or all)")
+    if settings.train_seeds < 1:
+        raise ValueError(f"train_seeds must be at least 1, got {settings.train_seeds}")
+    base_methods = ["sft", *dict.fromkeys(m for m in chosen if m != "sft")]
+    cells = {cell_name(m, s): (m, s) for m in base_methods for s in range(settings.train_seeds)}  # row -> (method, training seed)
+    methods = list(cells)
+    configs = {name: method_config(m, settings, code, s) for name, (m, s) in cells.items()}
     scorer = load_scorer(SCORER)
     sample_kw = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale, resolution=32)
     report = {"settings": _settings_record(settings, root, ledger), "hashes": frozen_hashes(settings.model), "code_digest": code,
@@ -625,17 +672,21 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
                                    "dims": result["dims"], "yes_rate_change": result["yes_rate_change"],
                                    "reused": reused, "run_key": run_dir.name, "run_dir": str(run_dir), "samples_reused": samples_reused}
         columns[name] = images
-        write_folder(samples / name, images, prompts, seeds, model=settings.model, adapter=str(final_dir),
+        write_folder(samples / folder_name(name), images, prompts, seeds, model=settings.model, adapter=str(final_dir),
                      steps=settings.num_inference_steps, guidance=settings.guidance_scale)
 
-    # 5. paired comparisons on the same samples: each method against DPO and against the guidance baseline
+    # 5. paired comparisons on the same samples: each method against DPO (of the same training seed) and against the
+    #    guidance baseline; across training seeds, each method's combined rows
     for name, row in report["methods"].items():
-        if "dpo" in scored and name != "dpo":
-            row["vs_dpo"] = _versus(scored[name], scored["dpo"], prompts, settings.seed)
+        dpo = cell_name("dpo", cells[name][1]) if cell_name("dpo", cells[name][1]) in scored else "dpo"
+        if dpo in scored and cells[name][0] != "dpo":
+            row["vs_dpo"] = _versus(scored[name], scored[dpo], prompts, settings.seed)
         if best_scores is not None:
             row["vs_best_guidance"] = _versus(scored[name], best_scores, prompts, settings.seed)
     if best_scores is not None and "dpo" in scored:
         report["best_guidance"]["vs_dpo"] = _versus(best_scores, scored["dpo"], prompts, settings.seed)
+    if settings.train_seeds > 1:
+        report["seeds"] = _across_seeds(base_methods, settings, scored, base, best_scores, prompts)
 
     # 6. negative-preference CFG: each trained negative model (npo, self_npo) in the negative branch of CFG
     runs = {name: Path(report["methods"][name]["run_dir"]) for name in methods}
@@ -647,7 +698,7 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
             result = _compare(row_scores, prompts, plain, settings.seed)
             report.setdefault("npo_cfg", {})[label] = {**row, **{k: v for k, v in result.items() if k != "yes_rate_change"}}
             columns[label] = images
-            write_folder(samples / label.replace(" ", "_"), images, prompts, seeds, model=settings.model, steps=settings.num_inference_steps,
+            write_folder(samples / folder_name(label), images, prompts, seeds, model=settings.model, steps=settings.num_inference_steps,
                          guidance=settings.guidance_scale, **{k: row[k] for k in ("positive", "npo", "npo_alpha", "npo_beta")})
 
     report["total_seconds"] = time.perf_counter() - wall
@@ -655,6 +706,25 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     if settings.eval_split == "held_out":
         append_ledger(ledger, ledger_entry(report, out))
     return report
+
+
+def _across_seeds(methods: list[str], settings: BenchSettings, scored: dict, base: dict, best: dict | None, prompts: list[str]) -> dict:
+    """Per method, its training seeds combined (`win_rate_over_seeds`): against the base, DPO (seed by seed) and the base
+    at its best guidance scale."""
+    from diffalign.eval.winrate import win_rate_over_seeds
+
+    seeds = range(settings.train_seeds)
+    out = {}
+    for m in methods:
+        mine = [scored[cell_name(m, s)]["overall"].tolist() for s in seeds]
+        row = {"vs_base": win_rate_over_seeds(mine, [base["overall"].tolist()] * len(mine), prompts, seed=settings.seed)}
+        if "dpo" in methods and m != "dpo":
+            dpo = [scored[cell_name("dpo", s)]["overall"].tolist() for s in seeds]
+            row["vs_dpo"] = win_rate_over_seeds(mine, dpo, prompts, seed=settings.seed)
+        if best is not None:
+            row["vs_best_guidance"] = win_rate_over_seeds(mine, [best["overall"].tolist()] * len(mine), prompts, seed=settings.seed)
+        out[m] = row
+    return out
 
 
 def _npo_cfg_rows(negative: str, runs: dict[str, Path], components, prompts, seeds, sample_kw, root: Path, code: str,

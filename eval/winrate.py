@@ -52,3 +52,36 @@ def win_rate(
     boot = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
     low, high = np.percentile(boot, [2.5, 97.5])
     return WinRate(float(wins.mean()), float(low), float(high), int(len(wins)), int(k))
+
+
+def win_rate_over_seeds(scores_a: Sequence[Sequence[float]], scores_b: Sequence[Sequence[float]], prompts: Sequence[str], *,
+                        n_boot: int = 2000, seed: int = 0) -> dict:
+    """A's win-rate over B across training seeds: ``scores_a[s]`` pairs with ``scores_b[s]`` (B's own seed s, or the same
+    samples for every s when B has no seeds, e.g. the base model), all on the same (prompt, seed) list.
+
+    Returns the per-seed win-rates, their mean, a 95% interval of the mean from ONE prompt-clustered bootstrap shared by
+    every seed (each draw resamples prompts once and recomputes every seed's win-rate on them: evaluation sampling), the
+    seeds' spread (min, max, sample sd: training), and the call: 'better' / 'worse' when the interval AND every seed
+    are on one side of ½, else 'not called' (with 3 seeds only large, consistent differences are called)."""
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise ValueError(f"{len(scores_a)} seeds of A but {len(scores_b)} of B")
+    wins = np.stack([outcomes(a, b, 0.0) for a, b in zip(scores_a, scores_b)])  # (seeds, pairs)
+    if wins.shape[1] != len(prompts):
+        raise ValueError(f"{wins.shape[1]} pairs but {len(prompts)} prompts")
+    names, cluster = np.unique(np.asarray(prompts, dtype=object).astype(str), return_inverse=True)
+    k = len(names)
+    sums = np.stack([np.bincount(cluster, weights=w, minlength=k) for w in wins])  # (seeds, prompts)
+    counts = np.bincount(cluster, minlength=k).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, k, size=(n_boot, k))
+    boot = (sums[:, draws].sum(axis=2) / counts[draws].sum(axis=1)).mean(axis=0)  # the seeds' mean, per draw
+    low, high = np.percentile(boot, [2.5, 97.5])
+    per_seed = wins.mean(axis=1)
+    call = "not called"
+    if low > 0.5 and per_seed.min() > 0.5:
+        call = "better"
+    elif high < 0.5 and per_seed.max() < 0.5:
+        call = "worse"
+    return {"win_rate": float(per_seed.mean()), "ci_low": float(low), "ci_high": float(high), "per_seed": [float(x) for x in per_seed],
+            "seed_min": float(per_seed.min()), "seed_max": float(per_seed.max()),
+            "seed_sd": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0, "call": call, "seeds": len(per_seed),
+            "n": int(wins.shape[1]), "prompts": int(k)}

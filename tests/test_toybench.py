@@ -301,7 +301,7 @@ def test_negative_models_get_npo_cfg_rows_against_plain_cfg(tmp_path):
     samples = tmp_path / "samples"
     for label, r in rows.items():
         plain = "base" if r["positive"] == "base" else r["positive"]
-        derived = paired_win_rate(samples, label.replace(" ", "_"), plain)
+        derived = paired_win_rate(samples, toybench.folder_name(label), plain)
         assert {k: r[k] for k in ("win_rate", "ci_low", "ci_high")} == pytest.approx(
             {k: derived[k] for k in ("win_rate", "ci_low", "ci_high")}, abs=1e-12)
     assert "Negative-preference CFG" in markdown_table(report)
@@ -315,3 +315,28 @@ def test_negative_models_get_npo_cfg_rows_against_plain_cfg(tmp_path):
     npo_run = Path(report["methods"]["npo"]["run_dir"])
     control = npo_run / "random_offset" / "pytorch_lora_weights.safetensors"
     assert dense_norm(control) == pytest.approx(dense_norm(npo_run / "final" / "pytorch_lora_weights.safetensors"), rel=1e-4)
+
+
+def test_training_seeds_are_cells_of_their_own_combined_in_the_report(tmp_path, trained):
+    """--train-seeds 2: every method trains twice on the same data (train.seed 0 and 1, cached apart), is evaluated on the
+    same samples' prompts and seeds, compared with DPO of the same seed, and combined per method; a third seed later
+    trains only the new cells."""
+    report = run_toy_bench(tiny(tmp_path, "work", train_seeds=2), tmp_path / "two" / "report.json", progress=False)
+    assert trained == ["sft", "sft", "dpo", "dpo"]
+    rows = report["methods"]
+    assert list(rows) == ["sft", "sft (seed 1)", "dpo", "dpo (seed 1)"]
+    assert len({r["run_key"] for r in rows.values()}) == 4 and len(report["data"]) == 1  # four models, one data cache
+    assert method_config("dpo", tiny(tmp_path, "w"), train_seed=1).train.seed == method_config("dpo", tiny(tmp_path, "w")).train.seed + 1
+    dpo = report["seeds"]["dpo"]["vs_base"]
+    assert dpo["per_seed"] == [rows["dpo"]["win_rate"], rows["dpo (seed 1)"]["win_rate"]]
+    assert dpo["win_rate"] == pytest.approx((rows["dpo"]["win_rate"] + rows["dpo (seed 1)"]["win_rate"]) / 2)
+    samples = tmp_path / "two" / "samples"
+    assert rows["sft (seed 1)"]["vs_dpo"] == paired_win_rate(samples, "sft_seed_1", "dpo_seed_1")  # DPO of its own seed
+    assert rows["sft"]["vs_dpo"] == paired_win_rate(samples, "sft", "dpo")
+    assert "vs_dpo" in report["seeds"]["sft"] and "Across 2 training seeds" in markdown_table(report)
+
+    trained.clear()
+    again = run_toy_bench(tiny(tmp_path, "work", train_seeds=3), tmp_path / "three" / "report.json", progress=False)
+    assert trained == ["sft", "dpo"]  # only the seed-2 cells
+    assert [again["methods"][n]["reused"] for n in ("sft", "sft (seed 1)", "dpo", "dpo (seed 1)")] == [True] * 4
+    assert len(again["seeds"]["dpo"]["vs_base"]["per_seed"]) == 3

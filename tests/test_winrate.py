@@ -40,3 +40,28 @@ def test_interval_is_reproducible_by_seed_and_errors_are_clear():
         win_rate([1, 2], [1], ["a", "b"])
     with pytest.raises(ValueError, match="2 pairs but 1 prompts"):
         win_rate([1, 2], [1, 2], ["a"])
+
+
+def test_across_seeds_by_hand():
+    """Per-seed win-rates and their mean by hand; one seed is the ordinary win-rate (same interval, same bootstrap);
+    the interval of the mean is from prompts resampled once for all seeds, so it is no wider than the widest seed's."""
+    from diffalign.eval.winrate import win_rate_over_seeds
+
+    prompts = ["p1", "p1", "p2", "p2", "p3"]
+    base = [1, 1, 1, 1, 4]
+    seed0, seed1 = [2, 2, 1, 0, 5], [0, 2, 2, 2, 3]  # 0.7 (as above); p1 loss+win, p2 win+win, p3 loss: 3/5 = 0.6
+    r = win_rate_over_seeds([seed0, seed1], [base, base], prompts, seed=3)
+    assert r["per_seed"] == pytest.approx([0.7, 0.6]) and r["win_rate"] == pytest.approx(0.65)
+    assert (r["seed_min"], r["seed_max"]) == pytest.approx((0.6, 0.7)) and r["seed_sd"] == pytest.approx(np.std([0.7, 0.6], ddof=1))
+    one = win_rate_over_seeds([seed0], [base], prompts, seed=3)
+    alone = win_rate(seed0, base, prompts, seed=3)
+    assert (one["win_rate"], one["ci_low"], one["ci_high"]) == pytest.approx((alone.win_rate, alone.ci_low, alone.ci_high))
+    widest = max(win_rate(s, base, prompts, seed=3).ci_high - win_rate(s, base, prompts, seed=3).ci_low for s in (seed0, seed1))
+    assert r["ci_high"] - r["ci_low"] <= widest + 1e-12
+    # the call needs the interval and every seed on one side of 1/2
+    ten = [f"p{i}" for i in range(10)]
+    assert win_rate_over_seeds([[1] * 10, [1] * 10], [[0] * 10] * 2, ten)["call"] == "better"
+    assert win_rate_over_seeds([[0] * 10, [0] * 10], [[1] * 10] * 2, ten)["call"] == "worse"
+    assert win_rate_over_seeds([[1] * 10, [-1] * 9 + [1]], [[0] * 10] * 2, ten)["call"] == "not called"  # one seed disagrees
+    with pytest.raises(ValueError, match="seeds of A"):
+        win_rate_over_seeds([seed0, seed1], [base], prompts)

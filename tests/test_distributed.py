@@ -24,6 +24,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(config_name: str, *args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of a shipped config with 2 processes on the CPU (ACCELERATE_USE_CPU: gloo) training `args`."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(shipped_accelerate_configs()[config_name]),
+              "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "diffalign", "train", *args]
+    return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+
+
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, demo_parquet):
     cfg = tiny_config(tmp_path, parquet=demo_parquet, data={"caption_dropout": 0.3}, optim={"lr": 1e-3, "warmup_steps": 0, "eps": 1e-4})
     cfg["train"].update(max_steps=1, checkpoint_every=0)
@@ -32,13 +40,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, demo
 
     one = run_cli("train", str(single))
     assert one.returncode == 0, one.stderr
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launch = [  # the shipped DDP config, as README's "several GPUs" command (ACCELERATE_USE_CPU: gloo on the CPU)
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(shipped_accelerate_configs()["accelerate/multi_gpu"]),
-        "--num_processes", "2", "--main_process_port", str(_free_port()),
-        "-m", "diffalign", "train", str(double),
-    ]
-    two = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    two = _launch("accelerate/multi_gpu", str(double))  # the shipped DDP config, as README's "several GPUs" command
     assert two.returncode == 0, two.stderr[-3000:]
     assert "global batch 2 × 1 accum × 2 proc = 4" in two.stdout
 
@@ -82,13 +84,6 @@ def test_an_online_group_split_over_two_processes_is_judged_as_one_group(tmp_pat
     b = load_safetensors(tmp_path / "two" / "checkpoints" / "step-00000001" / "trainable.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
-
-
-def _launch(config_name: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(shipped_accelerate_configs()[config_name]),
-              "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "diffalign", "train", *args]
-    return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_fsdp2_shards_the_parameters_matches_one_process_and_resumes_exactly(tmp_path, demo_parquet):

@@ -180,7 +180,7 @@ class PreferenceTrainer:
                 with quiet_loading():
                     self.reference = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype=self.weight_dtype)
                 if self.sharded:  # forward-only, sharded like the policy
-                    shard(self.reference.to(acc.device), self.fsdp_plugin, acc.device)
+                    shard(self.reference.to(acc.device), self.fsdp_plugin)
                 elif cfg.model.reference_offload and acc.device.type != "cpu":
                     from accelerate import cpu_offload
 
@@ -189,7 +189,7 @@ class PreferenceTrainer:
                     self.reference.to(acc.device)
             unet.to(acc.device)
             if self.sharded:  # parameters become DTensors split over the processes; the optimizer is built on them below
-                shard(unet, self.fsdp_plugin, acc.device)
+                shard(unet, self.fsdp_plugin)
         self.teacher = None  # an EMA copy of the policy as it starts (Self-NPO), made before training changes it
         if self.method.needs.teacher_decay is not None:
             self.teacher = EMATeacher(unet, self.method.needs.teacher_decay)

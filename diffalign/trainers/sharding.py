@@ -83,10 +83,10 @@ def refuse_unsupported(cfg) -> None:
         raise ShardingError("FSDP2 (the accelerate config's distributed_type FSDP) cannot train this config: " + "; ".join(problems))
 
 
-def shard(module: torch.nn.Module, plugin, device: torch.device) -> torch.nn.Module:
+def shard(module: torch.nn.Module, plugin) -> torch.nn.Module:
     """`fully_shard` each block named in the plugin's ``transformer_cls_names_to_wrap``, then `module` itself (in place).
 
-    Parameters must already be on `device` (or on the CPU with the plugin's CPU offload)."""
+    The parameters must already be on the process's device (on the CPU with the plugin's CPU offload)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     names = set(plugin.transformer_cls_names_to_wrap or ())

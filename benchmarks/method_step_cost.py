@@ -144,40 +144,24 @@ class Floor:
     ``ours ÷ floor`` is then what the method's code adds to the work it must do."""
 
     def __init__(self, trainer, sample, inversion_model: str = "policy"):
-        from diffalign.models.lora import adapters_disabled
+        from floor import UNetReplay
 
-        self.unet = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.unet))
-        self.params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-6)
-        self.frozen, self.lora, self.disabled = trainer.reference, trainer.lora, adapters_disabled
+        self.replay = UNetReplay(trainer, sample)
         self.inversion_model = inversion_model  # the UNet that inverts (InPO's option): the policy or the reference
-        self.device, self.dtype, self.autocast = trainer.accelerator.device, trainer.weight_dtype, trainer.accelerator.autocast
-        x_t, t, cond = sample
-        self.x, self.t, self.cond = x_t.to(self.device, self.dtype), t.to(self.device), cond.to(self.device, self.dtype)
-
-    def _reference(self):
-        """The reference UNet, as a context: the policy with adapters disabled (LoRA), or the frozen copy (full)."""
-        return self.disabled(self.unet) if self.lora else contextlib.nullcontext(self.frozen)
-
-    def _forward(self, unet, rows: int):
-        index = torch.arange(rows) % self.x.shape[0]
-        with self.autocast():
-            return unet(sample=self.x[index], timestep=self.t[index], **self.cond.select(index).unet_kwargs()).sample
 
     def step(self, counts: dict) -> None:
-        self._forward(self.unet, counts["train"]).float().pow(2).mean().backward()
+        r = self.replay
+        r.train_forward(counts["train"])
         with torch.no_grad():
             if counts["reference"]:
-                with self._reference() as reference:
-                    self._forward(reference, counts["reference"])
-            with self._reference() if self.inversion_model == "reference" else contextlib.nullcontext(self.unet) as inverting:
+                with r.reference() as reference:
+                    r.forward(reference, counts["reference"])
+            with r.reference() if self.inversion_model == "reference" else contextlib.nullcontext(r.unet) as inverting:
                 for _ in range(counts["inversion_calls"]):
-                    self._forward(inverting, counts["inversion"] // counts["inversion_calls"])
+                    r.forward(inverting, counts["inversion"] // counts["inversion_calls"])
             for _ in range(counts["teacher_calls"]):  # the teacher is a copy of the policy: the same cost
-                self._forward(self.unet, counts["teacher"] // counts["teacher_calls"])
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+                r.forward(r.unet, counts["teacher"] // counts["teacher_calls"])
+        r.step()
 
 
 def predicted_inversion(method: dict, t: torch.Tensor, num_train_timesteps: int) -> tuple[int, int]:

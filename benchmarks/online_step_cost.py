@@ -20,7 +20,6 @@ or without gradient). Reported per optimizer step, the round's sampling amortise
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -32,6 +31,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 METHODS = ("pref_grpo", "grpo", "dense_online", "tailorpo")
 DPO_STEP_FORWARD_EQUIVALENTS = 3 * 32 + 32  # toy/dpo: 16 pairs, policy forward + backward on 32 rows, reference on 32
@@ -106,23 +106,11 @@ class Floor:
     log-probabilities, advantages, plans or batch building: ``ours ÷ floor`` is what the method's code adds."""
 
     def __init__(self, trainer, sample, counter):
-        from diffalign.models.lora import adapters_disabled
+        from floor import UNetReplay
 
+        self.replay = UNetReplay(trainer, sample)
         self.calls_of = counter.originals  # the uncounted encode, VAE decode and scorer calls
         self.prompts, self.latents, self.images = counter.prompts, counter.latents, counter.images
-
-        self.unet = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.unet))
-        self.params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-6)
-        self.frozen, self.lora, self.disabled, self.autocast = trainer.reference, trainer.lora, adapters_disabled, trainer.accelerator.autocast
-        device, dtype = trainer.accelerator.device, trainer.weight_dtype
-        x, t, cond = sample
-        self.x, self.t, self.cond = x.to(device, dtype), t.to(device), cond.to(device, dtype)
-
-    def _forward(self, unet, rows: int):
-        index = torch.arange(rows) % self.x.shape[0]
-        with self.autocast():
-            return unet(sample=self.x[index], timestep=self.t[index], **self.cond.select(index).unet_kwargs()).sample
 
     def _decode(self, rows: int, grad: bool) -> None:
         z = self.latents[torch.arange(rows) % self.latents.shape[0]]
@@ -135,33 +123,35 @@ class Floor:
         decode(z).sample.float().mean().backward()
 
     def round(self, calls: list, steps: int) -> None:
+        r = self.replay
         for kind, rows in calls:
             if kind == "trained":
-                self._forward(self.unet, rows).float().pow(2).mean().backward()
-                continue
-            if kind == "decode_grad":
+                r.train_forward(rows)
+            elif kind == "decode_grad":
                 self._decode(rows, grad=True)
-                continue
-            with torch.no_grad():
-                if kind == "encode":
-                    self.calls_of["encode"]([self.prompts[i % len(self.prompts)] for i in range(rows)])
-                elif kind == "decode":
-                    self._decode(rows, grad=False)
-                elif kind.startswith(("score:", "answers:")):
-                    index = [i % len(self.images) for i in range(rows)]
-                    images = self.images[index] if torch.is_tensor(self.images) else [self.images[i] for i in index]
-                    self.calls_of[kind](images, [self.prompts[i % len(self.prompts)] for i in range(rows)])
-                elif kind == "sampling":
-                    self._forward(self.unet, rows)
-                elif self.lora:
-                    with self.disabled(self.unet) as base:
-                        self._forward(base, rows)
-                else:
-                    self._forward(self.frozen, rows)
+            else:
+                with torch.no_grad():
+                    self._replay_no_grad(kind, rows)
         for _ in range(steps):
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            r.step(zero_grad=False)
+        r.optimizer.zero_grad(set_to_none=True)
+
+    def _replay_no_grad(self, kind: str, rows: int) -> None:
+        r = self.replay
+        prompts = [self.prompts[i % len(self.prompts)] for i in range(rows)]
+        if kind == "encode":
+            self.calls_of["encode"](prompts)
+        elif kind == "decode":
+            self._decode(rows, grad=False)
+        elif kind.startswith(("score:", "answers:")):
+            index = [i % len(self.images) for i in range(rows)]
+            images = self.images[index] if torch.is_tensor(self.images) else [self.images[i] for i in index]
+            self.calls_of[kind](images, prompts)
+        elif kind == "sampling":
+            r.forward(r.unet, rows)
+        else:  # the reference
+            with r.reference() as reference:
+                r.forward(reference, rows)
 
 
 def measure(method: str, overrides: list[str], rounds: int) -> dict:

@@ -166,7 +166,8 @@ def source_digest() -> str:
 
 
 # Model fields that change how the model trains, not which model loads or how it encodes: not part of the data key.
-_TRAINING_ONLY_MODEL_FIELDS = ("finetune", "lora", "reference_offload", "gradient_checkpointing", "attention")
+_TRAINING_ONLY_MODEL_FIELDS = ("finetune", "lora", "reference_offload", "gradient_checkpointing", "attention", "sdpa_backend",
+                               "channels_last", "compile")
 
 
 def data_key(cfg: Config) -> str:

@@ -285,6 +285,9 @@ def test_keys_follow_content_not_paths(tmp_path):
     assert data_key(sft) == data_key(a) and run_key(sft, "c1") != run_key(a, "c1")  # one cache, two models
     lora = method_config("dpo", tiny(tmp_path, "a", "model.lora.rank=2"), code="c1")
     assert data_key(lora) == data_key(a)  # LoRA settings do not touch the data
+    for option in ("model.compile=true", "model.channels_last=true", "model.sdpa_backend=math", "model.gradient_checkpointing=true"):
+        fast = method_config("dpo", tiny(tmp_path, "a", option), code="c1")
+        assert data_key(fast) == data_key(a) and run_key(fast, "c1") != run_key(a, "c1")  # a training option: same data
     more = method_config("dpo", tiny(tmp_path, "a", "data.source.num_prompts=5"), code="c1")
     assert data_key(more) != data_key(a)
 

@@ -59,6 +59,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -66,7 +67,10 @@ from diffalign.config import BUILTIN_TOY, Config, ModelConfig, apply_overrides, 
 from diffalign.config.methods import NEGATIVE_METHODS
 from diffalign.data import prepare_cache
 from diffalign.data.identity import weights_digest
+from diffalign.eval.compute import cell_compute
 from diffalign.eval.imagefolder import write_folder
+from diffalign.eval.toyranking import cell_ranking, ranking_config, relation
+from diffalign.eval.toyranking import over_seeds as ranking_over_seeds
 from diffalign.eval.winrate import win_rate
 from diffalign.imagegrid import paint_grid
 from diffalign.io import atomic_write_text
@@ -110,19 +114,23 @@ class BenchSettings:
     # same samples' prompts and seeds; its row is "<method> (seed s)" (s = 0: "<method>", the cell earlier runs cached).
     # With more than one, the report's ``seeds`` section combines them (`diffalign.eval.winrate.win_rate_over_seeds`).
     train_seeds: int = 1
+    # Ranking diagnostics (`diffalign.eval.toyranking`): ranked lists per evaluation caption in an evaluation-only preference
+    # cache of the base model's samples (pairs: best vs worst, as training), and (t, ε) draws per pair; 0 rounds: none.
+    ranking_rounds: int = 2
+    ranking_draws: int = 4
 
 
 # The CI-size configuration (`diffalign bench toy --quick`, tests/test_toybench.py): one ranked list per training
 # caption, 10 DDIM steps, 100 training steps, 2 seeds per held-out caption, guidance chosen from 3 scales on 50
 # training captions × 1 seed. It shows the direction, not the number.
 QUICK = dict(train_rounds=1, eval_seeds=2, num_inference_steps=10, max_steps=100, guidance_grid=(2.0, 3.0, 5.0), guidance_prompts=50,
-             guidance_seeds=1)
+             guidance_seeds=1, ranking_rounds=0)
 
 # `diffalign demo`: the bench's DPO row in under 5 minutes on 2 CPU cores: 6 synthetic ranked lists per training caption
 # (600 lists, 2,400 images; the bench's 16 give 1,600) and the guidance scale chosen on half the training captions;
 # training and evaluation as the bench's (every held-out caption × 4 seeds, 20 DDIM steps). Measured at 4 min 25 s with
 # the bench's conclusions (DPO 0.677 [0.613, 0.742] against the bench's 0.681; README "Start here").
-DEMO = dict(train_rounds=6, guidance_prompts=50)
+DEMO = dict(train_rounds=6, guidance_prompts=50, ranking_rounds=0)
 
 
 def _digest(obj) -> str:
@@ -425,9 +433,17 @@ def ledger_entry(report: dict, out: Path) -> dict:
                                   **({"vs_dpo": {k: best["vs_dpo"][k] for k in keys}} if "vs_dpo" in best else {})}
     if "seeds" in report:
         keep = ("win_rate", "ci_low", "ci_high", "per_seed", "call")
-        entry["seeds"] = {m: {vs: {k: r[vs][k] for k in keep} for vs in r} for m, r in report["seeds"].items()}
+        entry["seeds"] = {m: {vs: {k: r[vs][k] for k in keep} for vs in r if vs.startswith("vs_")} for m, r in report["seeds"].items()}
+    for name, r in report["methods"].items():  # the diagnostics beside each win-rate
+        if "ranking" in r:
+            methods[name]["ranking"] = {k: r["ranking"][k]["value"] for k in ("ranking_accuracy", "reward_accuracy")}
+        if "compute" in r:
+            methods[name]["forward_equivalents"] = r["compute"]["forward_equivalents"]
     if "npo_cfg" in report:
         entry["npo_cfg"] = {label: {"positive": r["positive"], **{k: r[k] for k in keys}} for label, r in report["npo_cfg"].items()}
+    if "npo_cfg_seeds" in report:
+        entry["npo_cfg_seeds"] = {c: {k: r[k] for k in ("win_rate", "ci_low", "ci_high", "per_seed", "call")}
+                                  for c, r in report["npo_cfg_seeds"].items()}
     return entry
 
 
@@ -488,6 +504,7 @@ def markdown_table(report: dict) -> str:
 
         for name, r in report["seeds"].items():
             lines.append(f"| {name} | " + " | ".join(cell(r.get(c)) for c in columns) + " |")
+    lines += _ranking_and_compute_lines(report)
     if report.get("npo_cfg"):
         lines += ["", "Negative-preference CFG (α = β = 1), each against plain CFG with the same positive model, prompts and seeds:", "",
                   "| sampler | positive model | win-rate vs plain CFG [95% CI] | " + " | ".join(f"Δ{d}" for d in dims) + " | Δoverall |",
@@ -495,7 +512,49 @@ def markdown_table(report: dict) -> str:
         for label, r in report["npo_cfg"].items():
             lines.append(f"| {label} | {r['positive']} | {_interval(r)} | " + " | ".join(f"{r['dims'][d]:+.3f}" for d in dims)
                          + f" | {r['dims']['overall']:+.3f} |")
+    if report.get("npo_cfg_seeds"):
+        lines += ["", "Negative-preference CFG across training seeds (the seeds' mean win-rate over plain CFG [95% interval] "
+                  "(seed min–max; the call)):", "", "| sampler | win-rate vs plain CFG |", "|---|---|"]
+        lines += [f"| {c} | {_interval(r)} ({r['seed_min']:.3f}–{r['seed_max']:.3f}; {r['call']}) |" for c, r in report["npo_cfg_seeds"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _estimate(e: dict) -> str:
+    return "n/a" if e["value"] is None else f"{e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+
+
+def _ranking_and_compute_lines(report: dict) -> list[str]:
+    """Each row's ranking and reward accuracy on the held-out preference pairs and its training compute; their relation
+    to the win-rate across methods."""
+    rows = report["methods"]
+    if not any("compute" in r for r in rows.values()):
+        return []
+    ranked = "ranking" in report.get("base", {})
+    lines = ["", "Training compute (UNet forward-equivalents: rows without gradient + 3 × rows with gradient; images the "
+             "trainer sampled; offline methods also share the synthetic data's images, below)"
+             + (" and ranking diagnostics on the held-out preference pairs (Chen et al. 2024; 95% pair-bootstrap interval)" if ranked else "")
+             + ":", "",
+             "| method | " + ("ranking accuracy | reward accuracy | " if ranked else "") + "forward-equivalents | images sampled | train s |",
+             "|---|" + "---|---|" * ranked + "---:|---:|---:|"]
+    if ranked:
+        b = report["base"]["ranking"]
+        lines.append(f"| base | {_estimate(b['ranking_accuracy'])} | 0.500 (θ = ref) | — | — | — |")
+    for name, r in rows.items():
+        c = r["compute"]
+        accuracies = f"{_estimate(r['ranking']['ranking_accuracy'])} | {_estimate(r['ranking']['reward_accuracy'])} | " if ranked else ""
+        lines.append(f"| {name} | {accuracies}{c['forward_equivalents']:,.0f} | {c['images_sampled']:,.0f} | {c['train_seconds']:.0f} |")
+    for d in report.get("data", {}).values():
+        if "images" in d:
+            lines.append(f"\nThe synthetic data ({', '.join(sorted({m.split(' (')[0] for m in d['methods']}))}): {d['images']:,} images, "
+                         f"{d['forward_equivalents']:,} forward-equivalents to sample, once.")
+    rel = report.get("ranking_relation")
+    if rel:
+        def rho(v):
+            return "n/a" if v is None else f"{v:+.2f}"
+
+        lines.append(f"\nAcross {len(rel['methods'])} methods, Spearman's ρ with the win-rate against the base: ranking accuracy "
+                     f"{rho(rel['spearman_ranking_accuracy'])}, reward accuracy {rho(rel['spearman_reward_accuracy'])}.")
+    return lines
 
 
 def _eval_set(settings: BenchSettings) -> tuple[list, list[str], list[int]]:
@@ -522,6 +581,12 @@ def _prepare_data(configs: dict[str, Config], settings: BenchSettings, progress:
         if key not in data:
             reused = None if is_online(cfg) else ensure_data(cfg, settings.fresh, progress)  # online: prompts only, nothing to build
             data[key] = {"dir": cfg.data.cache_dir, "reused": reused, "methods": []}
+            if cfg.data.source.kind == "synthetic":  # the images sampled to build it, and their UNet rows (CFG: 2 per image and step)
+                from diffalign.data.sources.synthetic import resolve_prompts
+
+                source = cfg.data.source
+                images = len(resolve_prompts(source)) * source.images_per_prompt
+                data[key].update(images=images, forward_equivalents=images * source.num_inference_steps * (2 if source.guidance_scale > 1 else 1))
         data[key]["methods"].append(name)
     return data
 
@@ -623,6 +688,12 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
                       "colour_accuracy": float((base["colour"] > 0).float().mean()), "eval_seconds": time.perf_counter() - started,
                       "samples_reused": reused}
     columns = {"base": base_images}
+    ranking_cfg = None
+    if settings.ranking_rounds:  # the evaluation-only preference cache the ranking diagnostics read; the base model's own
+        ranking_cfg = ranking_config(settings, [s.caption for s in held], root)
+        report["ranking_data"] = {"dir": str(ranking_cfg.data.cache_dir), "captions": len(held), "rounds": settings.ranking_rounds,
+                                  "reused": ensure_data(ranking_cfg, settings.fresh, progress)}
+        report["base"]["ranking"] = cell_ranking(ranking_cfg, components, "base", None, settings, root, code)
     samples = out.parent / "samples"  # each model's images with metadata.jsonl: `diffalign compare` re-derives the table from them
     write_folder(samples / "base", base_images, prompts, seeds, model=settings.model, steps=settings.num_inference_steps,
                  guidance=settings.guidance_scale)
@@ -672,6 +743,9 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
                                    "train_seconds": record["train_seconds"], "eval_seconds": time.perf_counter() - started,
                                    "dims": result["dims"], "yes_rate_change": result["yes_rate_change"],
                                    "reused": reused, "run_key": run_dir.name, "run_dir": str(run_dir), "samples_reused": samples_reused}
+        report["methods"][name]["compute"] = cell_compute(cfg, record["steps"], record["train_seconds"], root, code)
+        if ranking_cfg is not None:
+            report["methods"][name]["ranking"] = cell_ranking(ranking_cfg, components, run_dir.name, final_dir, settings, root, code)
         columns[name] = images
         write_folder(samples / folder_name(name), images, prompts, seeds, model=settings.model, adapter=str(final_dir),
                      steps=settings.num_inference_steps, guidance=settings.guidance_scale)
@@ -687,21 +761,34 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     if best_scores is not None and "dpo" in scored:
         report["best_guidance"]["vs_dpo"] = _versus(best_scores, scored["dpo"], prompts, settings.seed)
     if settings.train_seeds > 1:
-        report["seeds"] = _across_seeds(base_methods, settings, scored, base, best_scores, prompts)
+        report["seeds"] = _across_seeds(base_methods, settings, scored, base, best_scores, prompts, report["methods"])
 
-    # 6. negative-preference CFG: each trained negative model (npo, self_npo) in the negative branch of CFG
+    # 6. negative-preference CFG: each trained negative model (npo, self_npo; every training seed) in the negative branch
+    #    of CFG, on the base and on DPO of the same seed; across seeds, each combination's combined row
     runs = {name: Path(report["methods"][name]["run_dir"]) for name in methods}
-    for negative in (m for m in methods if m in NEGATIVE_METHODS):
-        retrained = not report["methods"][negative]["reused"] or ("dpo" in runs and not report["methods"]["dpo"]["reused"])
-        for label, images, row in _npo_cfg_rows(negative, runs, components, prompts, seeds, sample_kw, root, code, settings, retrained):
+    npo_scores: dict[str, list[tuple[torch.Tensor, dict]]] = {}  # combination -> per seed: (its scores, plain CFG's)
+    for negative in (m for m in methods if cells[m][0] in NEGATIVE_METHODS):
+        dpo = cell_name("dpo", cells[negative][1])
+        dpo = dpo if dpo in runs else None
+        retrained = not report["methods"][negative]["reused"] or (dpo is not None and not report["methods"][dpo]["reused"])
+        for label, images, row in _npo_cfg_rows(negative, cells[negative], runs, dpo, components, prompts, seeds, sample_kw, root, code,
+                                                settings, retrained):
             row_scores = _scores(scorer, images, prompts)
             plain = base if row["positive"] == "base" else scored[row["positive"]]
             result = _compare(row_scores, prompts, plain, settings.seed)
             report.setdefault("npo_cfg", {})[label] = {**row, **{k: v for k, v in result.items() if k != "yes_rate_change"}}
+            npo_scores.setdefault(row["combination"], []).append((row_scores["overall"], plain["overall"]))
             columns[label] = images
             write_folder(samples / folder_name(label), images, prompts, seeds, model=settings.model, steps=settings.num_inference_steps,
                          guidance=settings.guidance_scale, **{k: row[k] for k in ("positive", "npo", "npo_alpha", "npo_beta")})
+    if settings.train_seeds > 1 and npo_scores:
+        from diffalign.eval.winrate import win_rate_over_seeds
 
+        report["npo_cfg_seeds"] = {c: win_rate_over_seeds([a.tolist() for a, _ in pairs], [b.tolist() for _, b in pairs], prompts,
+                                                           seed=settings.seed) for c, pairs in npo_scores.items()}
+
+    if ranking_cfg is not None:
+        report["ranking_relation"] = relation(method_points(report))  # every point has its accuracies
     report["total_seconds"] = time.perf_counter() - wall
     _write_outputs(report, out, columns, len(held), settings)
     if settings.eval_split == "held_out":
@@ -709,9 +796,38 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     return report
 
 
-def _across_seeds(methods: list[str], settings: BenchSettings, scored: dict, base: dict, best: dict | None, prompts: list[str]) -> dict:
+def method_points(report: dict) -> dict[str, dict]:
+    """Per method (its seeds' means when the report has seeds, else per row): win-rate against the base with its interval
+    and seeds, and, when measured, ranking and reward accuracy; what the report's plots and relation are drawn from."""
+    points = {}
+    combined = report.get("seeds") or {}
+    for m, r in (combined or report["methods"]).items():
+        vs = r["vs_base"] if combined else r
+        point = {"win_rate": vs["win_rate"], "per_seed": vs.get("per_seed", [vs["win_rate"]]), "ci": (vs["ci_low"], vs["ci_high"])}
+        if "ranking" in r:
+            point.update({k: r["ranking"][k]["mean" if combined else "value"] for k in ("ranking_accuracy", "reward_accuracy")})
+        points[m] = point
+    return points
+
+
+_VOLATILE = {"reused", "samples_reused", "run_dir", "dir", "cache_root", "ledger", "workdir", "npo"}  # flags and paths
+
+
+def without_timings(report):
+    """The report with what may differ between two runs of the same bench removed: times, reuse flags and paths (a
+    `*seconds` key, ``reused``, ``samples_reused`` and the path fields); what remains is a function of the settings,
+    the code and the machine's numerics, so two runs must agree on it exactly (`benchmarks/bench_reproducibility.py`)."""
+    if isinstance(report, dict):
+        return {k: without_timings(v) for k, v in report.items() if k not in _VOLATILE and not k.endswith("seconds")}
+    if isinstance(report, list):
+        return [without_timings(v) for v in report]
+    return report
+
+
+def _across_seeds(methods: list[str], settings: BenchSettings, scored: dict, base: dict, best: dict | None, prompts: list[str],
+                  rows: dict[str, dict]) -> dict:
     """Per method, its training seeds combined (`win_rate_over_seeds`): against the base, DPO (seed by seed) and the base
-    at its best guidance scale."""
+    at its best guidance scale; the seeds' ranking and reward accuracies, and their mean compute (`rows`: the cells)."""
     from diffalign.eval.winrate import win_rate_over_seeds
 
     seeds = range(settings.train_seeds)
@@ -724,30 +840,38 @@ def _across_seeds(methods: list[str], settings: BenchSettings, scored: dict, bas
             row["vs_dpo"] = win_rate_over_seeds(mine, dpo, prompts, seed=settings.seed)
         if best is not None:
             row["vs_best_guidance"] = win_rate_over_seeds(mine, [best["overall"].tolist()] * len(mine), prompts, seed=settings.seed)
+        cells = [rows[cell_name(m, s)] for s in seeds]
+        if all("ranking" in r for r in cells):
+            row["ranking"] = ranking_over_seeds([r["ranking"] for r in cells])
+        row["compute"] = {k: float(np.mean([r["compute"][k] for r in cells])) for k in ("forward_equivalents", "images_sampled", "train_seconds")}
         out[m] = row
     return out
 
 
-def _npo_cfg_rows(negative: str, runs: dict[str, Path], components, prompts, seeds, sample_kw, root: Path, code: str,
-                  settings: BenchSettings, retrained: bool):
-    """(label, images, record) of NPO-CFG with `negative`'s weights: on the base model, on DPO when it ran, and the control
-    with a random offset of the same norm on the base model. Each is compared with plain CFG of the same positive model."""
+def _npo_cfg_rows(negative: str, cell: tuple[str, int], runs: dict[str, Path], dpo: str | None, components, prompts, seeds, sample_kw,
+                  root: Path, code: str, settings: BenchSettings, retrained: bool):
+    """(label, images, record) of NPO-CFG with the weights of `negative` (the cell (method, training seed) `cell`): on the
+    base model, on `dpo` (DPO of the same seed, when it ran), and the control with a random offset of the same norm on
+    the base model. Each is compared with plain CFG of the same positive model. A record's ``combination`` names the row
+    without its seed ("base + NPO-CFG (npo)"), the key its seeds are combined under."""
     from diffalign.models.lora import LORA_WEIGHT_NAME
     from diffalign.models.sampling import sample_with
     from diffalign.pipelines.generate import npo_cfg_pipeline
     from diffalign.pipelines.weights import find_weights, random_lora_like
 
+    method, seed = cell
     delta = runs[negative] / "final"
-    cases = [(f"base + NPO-CFG ({negative})", "base", delta)]
-    if "dpo" in runs:
-        cases.append((f"dpo + NPO-CFG ({negative})", "dpo", delta))
+    cases = [(f"base + NPO-CFG ({method})", "base", delta)]
+    if dpo is not None:
+        cases.append((f"dpo + NPO-CFG ({method})", dpo, delta))
     if find_weights(delta).kind == "lora":  # the control: a random LoRA with δ's shapes and dense norm
         control = runs[negative] / "random_offset" / LORA_WEIGHT_NAME
         if not control.is_file():
             random_lora_like(find_weights(delta), control, seed=settings.seed)
-        cases.append((f"base + random offset (norm of {negative})", "base", control))
+        cases.append((f"base + random offset (norm of {method})", "base", control))
     kw = {k: v for k, v in sample_kw.items() if k != "resolution"}
-    for label, positive, npo in cases:
+    for combination, positive, npo in cases:
+        label = combination if seed == 0 else f"{combination} (seed {seed})"
         started = time.perf_counter()
         positive_dir = None if positive == "base" else runs[positive] / "final"
         key = sample_key(f"npo-cfg/{label}/{runs[negative].name}/{runs[positive].name if positive != 'base' else 'base'}", prompts, seeds,
@@ -758,7 +882,8 @@ def _npo_cfg_rows(negative: str, runs: dict[str, Path], components, prompts, see
             return sample_with(pipe, prompts, seeds, height=sample_kw["resolution"], width=sample_kw["resolution"], **kw)
 
         images, reused = cached_samples(root / "samples" / key, sample, settings.fresh or retrained)  # a retrained model samples anew
-        yield label, images, {"positive": positive, "npo": str(npo), "npo_alpha": 1.0, "npo_beta": 1.0, "samples_reused": reused,
+        yield label, images, {"positive": positive, "negative": negative, "combination": combination, "train_seed": seed,
+                              "npo": str(npo), "npo_alpha": 1.0, "npo_beta": 1.0, "samples_reused": reused,
                               "eval_seconds": time.perf_counter() - started}
 
 
@@ -769,6 +894,16 @@ def _write_outputs(report: dict, out: Path, columns: dict[str, list[Image.Image]
     rows = min(8, captions)
     shown = [i * captions // rows * settings.eval_seeds for i in range(rows)]  # the first seed of captions spread over the split
     paint_grid([[columns[name][j] for name in columns] for j in shown], scale=3, column_labels=list(columns)).save(out.with_suffix(".png"))
+    points = method_points(report)
+    if points:  # the plots beside the table: out_methods.png, out_ranking.png
+        from diffalign.eval.toyplots import plot_ranking_relation, plot_win_rates
+
+        seeds = report["settings"]["train_seeds"]
+        plot_win_rates(points, out.with_name(out.stem + "_methods.png"),
+                       f"toy world, {report['settings']['eval_split']} captions: win-rate vs base, 95% interval"
+                       + (f", {seeds} training seeds" if seeds > 1 else ""))
+        if "ranking_relation" in report:
+            plot_ranking_relation(points, report["ranking_relation"], out.with_name(out.stem + "_ranking.png"))
     workdir = Path(settings.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     runs = {name: {k: r[k] for k in ("run_key", "run_dir", "reused")} for name, r in report["methods"].items()}

@@ -257,7 +257,9 @@ def test_held_out_runs_append_to_the_ledger_and_train_split_runs_do_not(tmp_path
     keys = ("win_rate", "ci_low", "ci_high", "n")
     for name, r in report["methods"].items():
         versus = {vs: {k: r[vs][k] for k in keys} for vs in ("vs_dpo", "vs_best_guidance") if vs in r}
-        assert entry["methods"][name] == {"run_key": r["run_key"], "reused": False, **{k: r[k] for k in keys}, **versus}
+        diagnostics = {"ranking": {k: r["ranking"][k]["value"] for k in ("ranking_accuracy", "reward_accuracy")},
+                       "forward_equivalents": r["compute"]["forward_equivalents"]}
+        assert entry["methods"][name] == {"run_key": r["run_key"], "reused": False, **{k: r[k] for k in keys}, **versus, **diagnostics}
     assert set(entry["methods"]["sft"]) >= {"vs_dpo", "vs_best_guidance"} and "vs_dpo" not in entry["methods"]["dpo"]
     assert entry["best_guidance"]["guidance_scale"] == report["best_guidance"]["guidance_scale"]
     assert entry["settings"]["eval_split"] == "held_out" and entry["settings"]["ledger"] == str(ledger)
@@ -297,17 +299,21 @@ def test_negative_models_get_npo_cfg_rows_against_plain_cfg(tmp_path):
     of its positive model; the rows' numbers re-derive from the sample folders, and the control's offset has δ's norm."""
     from safetensors.torch import load_file
 
-    settings = tiny(tmp_path, "work", methods=("dpo", "npo"), guidance_grid=())
+    settings = tiny(tmp_path, "work", methods=("dpo", "npo"), guidance_grid=(), train_seeds=2, ranking_rounds=0)
     report = run_toy_bench(settings, tmp_path / "report.json", progress=False)
     rows = json.loads((tmp_path / "report.json").read_text())["npo_cfg"]
-    assert set(rows) == {"base + NPO-CFG (npo)", "dpo + NPO-CFG (npo)", "base + random offset (norm of npo)"}
+    combinations = ["base + NPO-CFG (npo)", "dpo + NPO-CFG (npo)", "base + random offset (norm of npo)"]
+    assert set(rows) == {*combinations, *(f"{c} (seed 1)" for c in combinations)}  # every training seed of the negative model
+    assert rows["dpo + NPO-CFG (npo) (seed 1)"]["positive"] == "dpo (seed 1)"  # on DPO of its own seed
     samples = tmp_path / "samples"
     for label, r in rows.items():
-        plain = "base" if r["positive"] == "base" else r["positive"]
-        derived = paired_win_rate(samples, toybench.folder_name(label), plain)
+        derived = paired_win_rate(samples, toybench.folder_name(label), toybench.folder_name(r["positive"]))
         assert {k: r[k] for k in ("win_rate", "ci_low", "ci_high")} == pytest.approx(
             {k: derived[k] for k in ("win_rate", "ci_low", "ci_high")}, abs=1e-12)
-    assert "Negative-preference CFG" in markdown_table(report)
+    for c in combinations:  # combined over the seeds as the methods' rows are
+        assert report["npo_cfg_seeds"][c]["per_seed"] == [rows[c]["win_rate"], rows[f"{c} (seed 1)"]["win_rate"]]
+    md = markdown_table(report)
+    assert "Negative-preference CFG" in md and "Negative-preference CFG across training seeds" in md
 
     def dense_norm(file):
         t = load_file(str(file))
@@ -343,3 +349,79 @@ def test_training_seeds_are_cells_of_their_own_combined_in_the_report(tmp_path, 
     assert trained == ["sft", "dpo"]  # only the seed-2 cells
     assert [again["methods"][n]["reused"] for n in ("sft", "sft (seed 1)", "dpo", "dpo (seed 1)")] == [True] * 4
     assert len(again["seeds"]["dpo"]["vs_base"]["per_seed"]) == 3
+
+
+def test_ranking_diagnostics_and_compute_sit_beside_each_row(tmp_path):
+    """Every row's ranking and reward accuracy on an evaluation-only preference cache of the evaluation captions (what
+    `evaluate_ranking` gives for that model), the base's (θ = ref: reward accuracy ½), and its training compute counted
+    by the probe (a DPO step of B pairs: 2B rows with gradient, 2B reference rows; SFT: B rows with gradient)."""
+    from diffalign.data.manifest import read_manifest
+    from diffalign.data.sources.synthetic import resolve_prompts
+    from diffalign.eval.ranking import evaluate_ranking
+    from diffalign.eval.toyranking import ranking_config
+
+    settings = tiny(tmp_path, "work", guidance_grid=())
+    report = run_toy_bench(settings, tmp_path / "report.json", progress=False)
+    cfg = ranking_config(settings, [s.caption for s in HELD_OUT[:3]], tmp_path / "cache")
+    assert report["ranking_data"]["dir"] == str(cfg.data.cache_dir)
+    assert read_manifest(cfg.data.cache_dir)["evaluation_only"] is True  # no trainer may read it
+    assert resolve_prompts(cfg.data.source) == [s.caption for s in HELD_OUT[:3]] * settings.ranking_rounds
+    assert cfg.data.source.seed != method_config("dpo", settings).data.source.seed  # image seeds of its own
+
+    base = report["base"]["ranking"]
+    assert base["reward_accuracy"]["value"] == 0.5 and base["pairs"] == 3 * settings.ranking_rounds
+    expected = evaluate_ranking(cfg, None, draws=settings.ranking_draws, seed=settings.seed)
+    assert base["ranking_accuracy"]["value"] == expected.ranking.value
+    for name, row in report["methods"].items():
+        final = Path(row["run_dir"]) / "final"
+        expected = evaluate_ranking(cfg, final, draws=settings.ranking_draws, seed=settings.seed)
+        assert row["ranking"]["ranking_accuracy"]["value"] == expected.ranking.value
+        assert row["ranking"]["reward_accuracy"]["value"] == expected.reward.value
+
+    b = 2  # train.batch_size of `tiny`
+    per_step = {"sft": 3 * b, "dpo": 3 * 2 * b + 2 * b}
+    for name, row in report["methods"].items():
+        c = row["compute"]
+        assert c["per_step"]["forward_equivalents_per_step"] == per_step[name] and c["images_sampled"] == 0
+        assert c["forward_equivalents"] == per_step[name] * c["steps"] and c["steps"] == settings.max_steps
+    data = next(iter(report["data"].values()))
+    assert data["images"] == 6 * settings.images_per_prompt  # data.source.num_prompts=6, K images each
+    assert data["forward_equivalents"] == data["images"] * settings.num_inference_steps * 2  # CFG: two rows per step
+    md = markdown_table(report)
+    assert "| base | " in md and "reward accuracy" in md and "Spearman" in md
+    assert (tmp_path / "report_methods.png").is_file() and (tmp_path / "report_ranking.png").is_file()
+
+    again = run_toy_bench(settings, tmp_path / "again.json", progress=False)  # stored results, the same numbers
+    assert all(r["ranking"]["reused"] for r in again["methods"].values()) and again["base"]["ranking"]["reused"]
+    assert {n: r["ranking"]["reward_accuracy"] for n, r in again["methods"].items()} == {
+        n: r["ranking"]["reward_accuracy"] for n, r in report["methods"].items()}
+
+
+def test_spearman_is_the_rank_correlation_with_ties_averaged():
+    from diffalign.eval.toyranking import average_ranks, relation, spearman
+
+    x, y = [0.1, 0.4, 0.3, 0.9, 0.5], [1.0, 3.0, 2.0, 4.0, 6.0]  # no ties: rho = 1 - 6 sum d^2 / (n (n^2 - 1))
+    d = [1 - 1, 3 - 3, 2 - 2, 5 - 4, 4 - 5]
+    assert spearman(x, y) == pytest.approx(1 - 6 * sum(v * v for v in d) / (5 * 24))
+    assert list(average_ranks([0.2, 0.7, 0.2, 0.1])) == [2.5, 4.0, 2.5, 1.0]
+    rx, ry = [2.5, 4.0, 2.5, 1.0], [1.0, 2.0, 3.0, 4.0]  # ties: Pearson's r of the average ranks, by hand
+    mx, my = sum(rx) / 4, sum(ry) / 4
+    r = sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / (
+        sum((a - mx) ** 2 for a in rx) ** 0.5 * sum((b - my) ** 2 for b in ry) ** 0.5)
+    assert spearman([0.2, 0.7, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]) == pytest.approx(r)
+    assert spearman([0.5, 0.5, 0.5], [1, 2, 3]) is None and spearman([1, 2], [2, 1]) is None
+    points = {m: {"win_rate": w, "ranking_accuracy": a, "reward_accuracy": -a} for m, w, a in zip("abcd", [0.6, 0.7, 0.8, 0.9], [0.1, 0.2, 0.3, 0.5])}
+    rel = relation(points)
+    assert rel["spearman_ranking_accuracy"] == pytest.approx(1.0) and rel["spearman_reward_accuracy"] == pytest.approx(-1.0)
+
+
+def test_two_fresh_runs_give_the_same_report_timings_aside(tmp_path):
+    """Everything rebuilt in two cache roots (data, training, samples, ranking, compute): the reports agree exactly once
+    times, reuse flags and paths are removed, and `without_timings` does remove a timing, a flag and a path."""
+    first = run_toy_bench(tiny(tmp_path / "a", "work", methods=("dpo", "npo")), tmp_path / "a" / "report.json", progress=False)
+    second = run_toy_bench(tiny(tmp_path / "b", "work", methods=("dpo", "npo")), tmp_path / "b" / "report.json", progress=False)
+    assert not any(r["reused"] for r in second["methods"].values())  # nothing shared between the roots
+    assert first != second  # times and paths differ ...
+    assert toybench.without_timings(first) == toybench.without_timings(second)  # ... nothing else does
+    kept = toybench.without_timings(first)["methods"]["dpo"]
+    assert "train_seconds" not in kept and "reused" not in kept and "run_dir" not in kept and kept["run_key"] == first["methods"]["dpo"]["run_key"]

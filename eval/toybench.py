@@ -495,7 +495,8 @@ def markdown_table(report: dict) -> str:
         seeds = next(iter(report["seeds"].values()))["vs_base"]["seeds"]
         lines += ["", f"Across {seeds} training seeds: the seeds' mean win-rate [95% interval of the evaluation, one prompt bootstrap "
                   "shared by the seeds] (seed min–max; the call: better/worse only when the interval and every seed agree):", "",
-                  "| method | " + " | ".join(title[c] for c in columns) + " |", "|---|" + "---|" * len(columns)]
+                  "| method | " + " | ".join(title[c] for c in columns) + " | " + " | ".join(f"Δ{d}" for d in dims)
+                  + " | Δoverall |", "|---|" + "---|" * len(columns) + "---:|" * (len(dims) + 1)]
 
         def cell(r: dict | None) -> str:
             if r is None:
@@ -503,7 +504,8 @@ def markdown_table(report: dict) -> str:
             return f"{_interval(r)} ({r['seed_min']:.3f}–{r['seed_max']:.3f}; {r['call']})"
 
         for name, r in report["seeds"].items():
-            lines.append(f"| {name} | " + " | ".join(cell(r.get(c)) for c in columns) + " |")
+            lines.append(f"| {name} | " + " | ".join(cell(r.get(c)) for c in columns) + " | "
+                         + " | ".join(f"{r['dims'][d]:+.3f}" for d in [*dims, "overall"]) + " |")
     lines += _ranking_and_compute_lines(report)
     if report.get("npo_cfg"):
         lines += ["", "Negative-preference CFG (α = β = 1), each against plain CFG with the same positive model, prompts and seeds:", "",
@@ -843,6 +845,7 @@ def _across_seeds(methods: list[str], settings: BenchSettings, scored: dict, bas
         cells = [rows[cell_name(m, s)] for s in seeds]
         if all("ranking" in r for r in cells):
             row["ranking"] = ranking_over_seeds([r["ranking"] for r in cells])
+        row["dims"] = {d: float(np.mean([r["dims"][d] for r in cells])) for d in cells[0]["dims"]}  # Δ per dimension, the seeds' mean
         row["compute"] = {k: float(np.mean([r["compute"][k] for r in cells])) for k in ("forward_equivalents", "images_sampled", "train_seconds")}
         out[m] = row
     return out

@@ -343,6 +343,8 @@ def test_training_seeds_are_cells_of_their_own_combined_in_the_report(tmp_path, 
     assert rows["sft (seed 1)"]["vs_dpo"] == paired_win_rate(samples, "sft_seed_1", "dpo_seed_1")  # DPO of its own seed
     assert rows["sft"]["vs_dpo"] == paired_win_rate(samples, "sft", "dpo")
     assert "vs_dpo" in report["seeds"]["sft"] and "Across 2 training seeds" in markdown_table(report)
+    mean = (rows["dpo"]["dims"]["alignment"] + rows["dpo (seed 1)"]["dims"]["alignment"]) / 2
+    assert report["seeds"]["dpo"]["dims"]["alignment"] == pytest.approx(mean)  # Δ per dimension: the seeds' mean
 
     trained.clear()
     again = run_toy_bench(tiny(tmp_path, "work", train_seeds=3), tmp_path / "three" / "report.json", progress=False)

@@ -17,6 +17,9 @@
    ran, and a control with a random LoRA of the same dense norm as δ; each row (``npo_cfg``) is a win-rate over plain
    CFG with the same positive model, prompts and seeds. The negative model's own row (its weights as the positive
    model) is the control that must lose to the base.
+6. Beside each row: ranking and reward accuracy on an evaluation-only preference cache of the evaluation captions
+   (`diffalign.eval.toyranking`), its training compute counted in UNet forward-equivalents (`diffalign.eval.compute`),
+   and, across methods, Spearman's ρ of each accuracy with the win-rate; two plots (`diffalign.eval.toyplots`).
 
 The report records the hashes of the base weights, the scorer configuration and the held-out split, which
 are frozen before any method is tuned.
@@ -768,7 +771,7 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
     # 6. negative-preference CFG: each trained negative model (npo, self_npo; every training seed) in the negative branch
     #    of CFG, on the base and on DPO of the same seed; across seeds, each combination's combined row
     runs = {name: Path(report["methods"][name]["run_dir"]) for name in methods}
-    npo_scores: dict[str, list[tuple[torch.Tensor, dict]]] = {}  # combination -> per seed: (its scores, plain CFG's)
+    npo_scores: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # combination -> per seed: (its scores, plain CFG's)
     for negative in (m for m in methods if cells[m][0] in NEGATIVE_METHODS):
         dpo = cell_name("dpo", cells[negative][1])
         dpo = dpo if dpo in runs else None
@@ -896,7 +899,8 @@ def _write_outputs(report: dict, out: Path, columns: dict[str, list[Image.Image]
     out.with_suffix(".md").write_text(markdown_table(report))
     rows = min(8, captions)
     shown = [i * captions // rows * settings.eval_seeds for i in range(rows)]  # the first seed of captions spread over the split
-    paint_grid([[columns[name][j] for name in columns] for j in shown], scale=3, column_labels=list(columns)).save(out.with_suffix(".png"))
+    names = [name for name in columns if "(seed " not in name]  # one column per method: its first training seed
+    paint_grid([[columns[name][j] for name in names] for j in shown], scale=3, column_labels=names).save(out.with_suffix(".png"))
     points = method_points(report)
     if points:  # the plots beside the table: out_methods.png, out_ranking.png
         from diffalign.eval.toyplots import plot_ranking_relation, plot_win_rates

@@ -70,10 +70,10 @@ from diffalign.config import BUILTIN_TOY, Config, ModelConfig, apply_overrides, 
 from diffalign.config.methods import NEGATIVE_METHODS
 from diffalign.data import prepare_cache
 from diffalign.data.identity import weights_digest
-from diffalign.eval.compute import cell_compute
+from diffalign.eval import compute, ranking, toyranking
 from diffalign.eval.imagefolder import write_folder
-from diffalign.eval.toyranking import cell_ranking, ranking_config, relation
 from diffalign.eval.toyranking import over_seeds as ranking_over_seeds
+from diffalign.eval.toyranking import relation
 from diffalign.eval.winrate import win_rate
 from diffalign.imagegrid import paint_grid
 from diffalign.io import atomic_write_text
@@ -352,6 +352,62 @@ def ensure_run(cfg: Config, fresh: bool = False) -> tuple[dict, bool]:
                   "finished": _utc_now()}
         atomic_write_text(run_dir / DONE, json.dumps(record, indent=2) + "\n")
     return record, False
+
+
+def cached_json(path: Path, make, fresh: bool = False) -> tuple[dict, bool]:
+    """The JSON record stored at `path`, or `make()`'s, stored there atomically; (record, reused)."""
+    with _locked(path.with_suffix(".lock")):
+        if path.is_file() and not fresh:
+            return json.loads(path.read_text()), True
+        record = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return record, False
+
+
+def _module_source(*modules) -> str:
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()
+
+
+RANKING_CONFIG = "toy_eval_heldout"  # the shipped evaluation-cache recipe the ranking cache starts from
+
+
+def ranking_config(settings: BenchSettings, captions: list[str], root: Path) -> Config:
+    """The ranking diagnostics' evaluation-only preference cache: `captions` × ``settings.ranking_rounds`` ranked lists of
+    the base model's samples (the bench's K, sampler and checklist; image seeds of their own: the synthetic seed is the
+    bench's + 1), stored at ``<root>/data/<data key>``. No trainer may read it (``evaluation_only``)."""
+    path = shipped_config_path(RANKING_CONFIG)
+    raw = read_yaml(path)
+    raw["model"]["pretrained"] = settings.model
+    raw["data"]["source"].update(prompts=list(captions) * settings.ranking_rounds, images_per_prompt=settings.images_per_prompt,
+                                 scorers=[SCORER], num_inference_steps=settings.num_inference_steps,
+                                 guidance_scale=settings.guidance_scale, seed=settings.seed + 1, evaluation_only=True)
+    origin = f"{path} (bench toy ranking)"
+    raw["data"]["cache_dir"] = str(root / "data" / data_key(validate_config(raw, origin=origin)))
+    return validate_config(raw, origin=origin)
+
+
+def cell_ranking(cfg: Config, components, model: str, weights: Path | None, settings: BenchSettings, root: Path, code: str) -> dict:
+    """`toyranking.ranking_record` of one model (`weights`: a run's ``final/``; None: the base) on the ranking cache `cfg`,
+    stored under ``<root>/ranking/<key>``; the key digests the model's name in the cache (a run key, or "base"), the
+    cache's data key, draws, seed, the source digest `code`, `numerics()` and the measuring modules' source."""
+    key = _digest({"model": model, "data": Path(cfg.data.cache_dir).name, "draws": settings.ranking_draws, "seed": settings.seed,
+                   "code": code, "numerics": numerics(), "source": _module_source(ranking, toyranking)})
+    record, reused = cached_json(root / "ranking" / f"{key}.json",
+                                 lambda: toyranking.ranking_record(cfg, components, weights, settings.ranking_draws, settings.seed),
+                                 settings.fresh)
+    return {**record, "key": key, "reused": reused}
+
+
+def cell_compute(cfg: Config, steps: int, train_seconds: float, root: Path, code: str) -> dict:
+    """`compute.totals` of a cell: the probe's per-step counts (stored under ``<root>/compute/<key>``, keyed by the config
+    without its paths and training seed, which do not change the count) times the cell's `steps`."""
+    dumped = cfg.model_dump(mode="json")
+    dumped["train"] = {k: v for k, v in dumped["train"].items() if k not in ("output_dir", "seed")}
+    dumped["data"].pop("cache_dir", None)
+    key = _digest({"config": dumped, "code": code, "numerics": numerics(), "source": _module_source(compute)})
+    per_step, _ = cached_json(root / "compute" / f"{key}.json", lambda: compute.probe(cfg))
+    return compute.totals(per_step, steps, train_seconds)
 
 
 def sample_key(model: dict | str, prompts: list[str], seeds: list[int], sampler: dict, code: str) -> str:

@@ -360,7 +360,7 @@ def test_ranking_diagnostics_and_compute_sit_beside_each_row(tmp_path):
     from diffalign.data.manifest import read_manifest
     from diffalign.data.sources.synthetic import resolve_prompts
     from diffalign.eval.ranking import evaluate_ranking
-    from diffalign.eval.toyranking import ranking_config
+    from diffalign.eval.toybench import ranking_config
 
     settings = tiny(tmp_path, "work", guidance_grid=())
     report = run_toy_bench(settings, tmp_path / "report.json", progress=False)

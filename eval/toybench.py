@@ -613,8 +613,11 @@ def _ranking_and_compute_lines(report: dict) -> list[str]:
         def rho(v):
             return "n/a" if v is None else f"{v:+.2f}"
 
+        aligned = rel["without_negative_models"]
         lines.append(f"\nAcross {len(rel['methods'])} methods, Spearman's ρ with the win-rate against the base: ranking accuracy "
-                     f"{rho(rel['spearman_ranking_accuracy'])}, reward accuracy {rho(rel['spearman_reward_accuracy'])}.")
+                     f"{rho(rel['spearman_ranking_accuracy'])}, reward accuracy {rho(rel['spearman_reward_accuracy'])}; without the "
+                     f"negative models ({len(aligned['methods'])} methods): ranking accuracy {rho(aligned['spearman_ranking_accuracy'])}, "
+                     f"reward accuracy {rho(aligned['spearman_reward_accuracy'])}.")
     return lines
 
 
@@ -849,7 +852,9 @@ def run_toy_bench(settings: BenchSettings, out: str | Path, progress: bool = Tru
                                                            seed=settings.seed) for c, pairs in npo_scores.items()}
 
     if ranking_cfg is not None:
-        report["ranking_relation"] = relation(method_points(report))  # every point has its accuracies
+        points = method_points(report)  # every point has its accuracies; negative models are trained to lose, so also without them
+        report["ranking_relation"] = {**relation(points),
+                                      "without_negative_models": relation({m: p for m, p in points.items() if m not in NEGATIVE_METHODS})}
     report["total_seconds"] = time.perf_counter() - wall
     _write_outputs(report, out, columns, len(held), settings)
     if settings.eval_split == "held_out":

@@ -42,15 +42,19 @@ def plot_win_rates(points: dict[str, dict], out: Path, title: str) -> None:
 
 def plot_ranking_relation(points: dict[str, dict], relation: dict, out: Path) -> None:
     """Two panels: ranking accuracy and reward accuracy (x) against the win-rate over the base (y), one labelled point per
-    method, Spearman's ρ in each title."""
+    method, Spearman's ρ in each title (over all methods, and without the negative models, which are trained to lose)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.2), sharey=True)
     for ax, key, label in zip(axes, ("ranking_accuracy", "reward_accuracy"), ("ranking accuracy", "reward accuracy")):
         for m, p in points.items():
             ax.scatter(p[key], p["win_rate"], color="#2b5d8a", s=20)
             ax.annotate(m, (p[key], p["win_rate"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        rho = relation.get(f"spearman_{key}")
-        ax.set_title(f"{label} (held-out pairs): Spearman ρ = " + ("n/a" if rho is None else f"{rho:+.2f}"), fontsize=10)
+        def rho(r: dict) -> str:
+            v = r.get(f"spearman_{key}")
+            return "n/a" if v is None else f"{v:+.2f}"
+
+        aligned = relation.get("without_negative_models", relation)
+        ax.set_title(f"{label} (held-out pairs): Spearman ρ {rho(relation)}, without negative models {rho(aligned)}", fontsize=9)
         ax.set_xlabel(label)
         ax.axhline(0.5, color="grey", ls="--", lw=1)
         ax.axvline(0.5, color="grey", ls=":", lw=1)

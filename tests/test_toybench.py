@@ -425,5 +425,7 @@ def test_two_fresh_runs_give_the_same_report_timings_aside(tmp_path):
     assert not any(r["reused"] for r in second["methods"].values())  # nothing shared between the roots
     assert first != second  # times and paths differ ...
     assert toybench.without_timings(first) == toybench.without_timings(second)  # ... nothing else does
+    relation = first["ranking_relation"]  # across methods; the negative model, trained to lose, also left out
+    assert relation["methods"] == ["sft", "dpo", "npo"] and relation["without_negative_models"]["methods"] == ["sft", "dpo"]
     kept = toybench.without_timings(first)["methods"]["dpo"]
     assert "train_seconds" not in kept and "reused" not in kept and "run_dir" not in kept and kept["run_key"] == first["methods"]["dpo"]["run_key"]

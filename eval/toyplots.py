@@ -54,7 +54,7 @@ def plot_ranking_relation(points: dict[str, dict], relation: dict, out: Path) ->
             return "n/a" if v is None else f"{v:+.2f}"
 
         aligned = relation.get("without_negative_models", relation)
-        ax.set_title(f"{label} (held-out pairs): Spearman ρ {rho(relation)}, without negative models {rho(aligned)}", fontsize=9)
+        ax.set_title(f"{label} (held-out pairs)\nSpearman ρ {rho(relation)}; without the negative models {rho(aligned)}", fontsize=9)
         ax.set_xlabel(label)
         ax.axhline(0.5, color="grey", ls="--", lw=1)
         ax.axvline(0.5, color="grey", ls=":", lw=1)

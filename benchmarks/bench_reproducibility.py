@@ -94,7 +94,9 @@ def cell(cache_root: Path, method: str, train_seed: int) -> dict:
         _, prompts, seeds = bench._eval_set(settings)
         sample_kw = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale, resolution=32)
         folder = cache_root / "samples" / bench.sample_key(cached_run.name, prompts, seeds, sample_kw, bench.source_digest())
-        old, _ = bench.cached_samples(folder, lambda: (_ for _ in ()).throw(SystemExit(f"{folder}: no cached samples of the cell")))
+        if not (folder / bench.DONE).is_file():
+            raise SystemExit(f"{folder}: no cached samples of the cell (run the bench that trained it)")
+        old, _ = bench.cached_samples(folder, make=None)  # complete: read, never made
         components = load_components(ModelConfig(pretrained=settings.model))
         new = sample_images(components, prompts, seeds, unet=load_trained_unet(components, run / "final"), **sample_kw)
         differing = sum(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(old, new))

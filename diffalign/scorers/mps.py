@@ -127,6 +127,9 @@ PICKLED_CLASSES = (
     "torch.nn.modules.linear.Linear", "torch.nn.modules.linear.Identity", "torch.nn.modules.sparse.Embedding",
     "torch.nn.modules.normalization.LayerNorm", "torch.nn.modules.conv.Conv2d", "torch.nn.modules.dropout.Dropout",
     "torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential",
+    # transformers >= 5.25 keeps a `kernels` Mode flag (an enum value: INFERENCE, TRAINING, ...) on every
+    # PreTrainedModel (`PreTrainedModel.kernels_mode`), so a module pickled there names it too.
+    "kernels._internals.layer.mode.Mode",
 )
 LAYOUT_PREFIXES = ("mps.", "module.")  # imscore's mixin, DDP
 

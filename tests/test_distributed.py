@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,8 +92,6 @@ def test_fsdp2_shards_the_parameters_matches_one_process_and_resumes_exactly(tmp
     trained parameter is a DTensor split over the 2 ranks, each rank's checkpoint file holds about half the weights, the
     first step equals one process's step on the same global batch, and a resume from the sharded checkpoint of step 1
     ends bit for bit where the uninterrupted run does."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     cfg = tiny_config(tmp_path, parquet=demo_parquet, finetune="full", optim={"lr": 1e-3, "warmup_steps": 0, "eps": 1e-4})
     single = write_config(tmp_path / "single.yaml", {**cfg, "train": {**cfg["train"], "max_steps": 1, "checkpoint_every": 0,
                                                                       "batch_size": 4, "output_dir": str(tmp_path / "one")}})
@@ -117,16 +116,7 @@ def test_fsdp2_shards_the_parameters_matches_one_process_and_resumes_exactly(tmp
     assert len(files) == 2 and all(f.stat().st_size < 0.75 * 3 * full_weights for f in files)  # weights + 2 Adam moments, halved
 
     # step 1 equals the single process's step (all-reduce order changes rounding only; see the DDP test for the bound)
-    dcp_to_torch_save(step1 / "sharded", tmp_path / "step1.pt")
-    step1_model = torch.load(tmp_path / "step1.pt", weights_only=True)["model"]
-    one_model = load_safetensors(tmp_path / "one" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert step1_model.keys() == one_model.keys()
-    for k in one_model:
-        torch.testing.assert_close(step1_model[k], one_model[k], rtol=0, atol=1e-5)
-    row_one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
-    row_two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
-    for key in ("loss", "grad_norm"):
-        assert row_two[key] == pytest.approx(row_one[key], rel=1e-5)
+    _assert_sharded_step_equals_single(tmp_path / "two", tmp_path / "one")
 
     # resume from step 1's sharded checkpoint (model, Adam moments, schedule, RNG, data position): the same final weights
     shutil.copytree(tmp_path / "two", tmp_path / "three")
@@ -139,3 +129,39 @@ def test_fsdp2_shards_the_parameters_matches_one_process_and_resumes_exactly(tmp
     a = load_safetensors(tmp_path / "two" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_safetensors(tmp_path / "three" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", [{"name": "inpo", "inversion_steps": 2}, {"name": "sft"}], ids=["inpo", "sft"])
+def test_fsdp2_step_of_other_methods_matches_one_process(tmp_path, demo_parquet, method):
+    """Beside DPO: DDIM-InPO (it inverts with the sharded policy, reference calls on the sharded frozen copy) and SFT (no
+    reference at all) under the shipped FSDP2 config on 2 gloo processes: the parameters are sharded, and the first
+    step's weights and loss equal one process's step on the same global batch."""
+    cfg = {**tiny_config(tmp_path, parquet=demo_parquet, finetune="full", optim={"lr": 1e-3, "warmup_steps": 0, "eps": 1e-4}),
+           "method": method}
+    train = {**cfg["train"], "max_steps": 1, "checkpoint_every": 1}
+    one = run_cli("train", str(write_config(tmp_path / "one.yaml", {**cfg, "train": {**train, "batch_size": 4,
+                                                                                      "output_dir": str(tmp_path / "one")}})))
+    assert one.returncode == 0, one.stderr
+    two = _launch("accelerate/fsdp2", str(write_config(tmp_path / "two.yaml", {**cfg, "train": {**train, "batch_size": 2,
+                                                                                                  "output_dir": str(tmp_path / "two")}})))
+    assert two.returncode == 0, two.stderr[-3000:]
+    held = re.search(r"FSDP2: (\d+)/(\d+) parameters sharded", two.stdout)
+    assert held and held[1] == held[2] and int(held[2]) > 0, two.stdout
+    _assert_sharded_step_equals_single(tmp_path / "two", tmp_path / "one")
+
+
+def _assert_sharded_step_equals_single(sharded: Path, single: Path) -> None:
+    """The weights in the sharded run's step-1 checkpoint equal the single process's final weights after its one step
+    (float tolerance), and so do the first step's loss and gradient norm (not zero)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(sharded / "checkpoints" / "step-00000001" / "sharded", sharded / "step1.pt")
+    step1_model = torch.load(sharded / "step1.pt", weights_only=True)["model"]
+    one_model = load_safetensors(single / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert step1_model.keys() == one_model.keys()
+    for k in one_model:
+        torch.testing.assert_close(step1_model[k], one_model[k], rtol=0, atol=1e-5)
+    rows = [json.loads((run / "metrics.jsonl").read_text().splitlines()[0]) for run in (single, sharded)]
+    assert rows[0]["grad_norm"] > 0  # the step moved the weights
+    for key in ("loss", "grad_norm"):
+        assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-5)

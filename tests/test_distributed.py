@@ -150,6 +150,23 @@ def test_fsdp2_step_of_other_methods_matches_one_process(tmp_path, demo_parquet,
     _assert_sharded_step_equals_single(tmp_path / "two", tmp_path / "one")
 
 
+def test_fsdp2_online_step_matches_one_process(tmp_path):
+    """Pref-GRPO, full fine-tune, under the shipped FSDP2 config on 2 gloo processes: each process samples its share of the
+    group with the sharded policy (every denoising step gathers the shards), the group is judged whole, and the step's
+    weights, rewards and loss equal one process's."""
+    common = ["toy/pref_grpo", "model.finetune=full", "method.group_size=4", "method.groups_per_round=1", "method.sampling_steps=4",
+              "train.grad_accum=1", "train.max_steps=1", "train.checkpoint_every=1", "log.tracker=none", "log.progress=false",
+              "optim.lr=1e-3", "optim.eps=1e-4"]
+    one = run_cli("train", *common, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    two = _launch("accelerate/fsdp2", *common, "train.batch_size=2", f"train.output_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert re.search(r"FSDP2: (\d+)/\1 parameters sharded", two.stdout), two.stdout
+    _assert_sharded_step_equals_single(tmp_path / "two", tmp_path / "one")
+    rows = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0]) for run in ("one", "two")]
+    assert rows[1]["win_rate_std"] == pytest.approx(rows[0]["win_rate_std"]) and rows[1]["reward"] == pytest.approx(rows[0]["reward"])
+
+
 def _assert_sharded_step_equals_single(sharded: Path, single: Path) -> None:
     """The weights in the sharded run's step-1 checkpoint equal the single process's final weights after its one step
     (float tolerance), and so do the first step's loss and gradient norm (not zero)."""

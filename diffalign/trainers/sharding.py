@@ -52,13 +52,18 @@ def fsdp_requested(accelerator) -> bool:
 
 def fsdp_plugin(accelerator):
     """The launch's FSDP settings: accelerate's plugin, or one built from the ``FSDP_*`` variables on the CPU fallback.
-    Refuses FSDP1 (this trainer shards with FSDP2's `fully_shard` only)."""
+    Refuses FSDP1 (this trainer shards with FSDP2's `fully_shard` only), and CPU offload on a run without a GPU (where
+    torch would fail at the first step, asking for an NVIDIA driver)."""
     from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
 
     plugin = getattr(accelerator.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
         raise ShardingError(f"the accelerate config asks for FSDP version {plugin.fsdp_version}; diffalign shards with FSDP2 only: "
                             "set fsdp_version: 2 (configs/accelerate/fsdp2.yaml)")
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy) and accelerator.device.type == "cpu":
+        raise ShardingError("fsdp_offload_params: true moves the weights between the GPUs and the CPU; this run has no GPU, so "
+                            "they are in CPU memory already: set fsdp_offload_params: false in the accelerate config")
     return plugin
 
 

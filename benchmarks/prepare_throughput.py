@@ -144,7 +144,7 @@ def main(argv=None) -> None:
                 runs[v]()
                 if r:  # round 0 warms up
                     times[v].append(time.perf_counter() - start)
-            print(f"round {r}: " + ", ".join(f"{v} {times[v][-1]:.2f} s" for v in VARIANTS if r), flush=True)
+            print(f"round {r}: " + ", ".join(f"{v} {times[v][-1]:.2f} s" for v in VARIANTS) if r else "warm-up done", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -4,8 +4,11 @@ Each online run logs the mean reward of the rollouts it trained on (`metrics.jso
 dense online one per rollout round); the plot shows its moving average (`--window` values, at most a quarter of the
 run's) per (method, seed), one panel per method, so a seed that learned less than its siblings can be seen beside them.
 The numbers are printed too: the mean reward over the first and the last fifth of each run, and their difference.
+With `--grid`, the samples beside them: the held-out samples of the bench grid's 8 captions (first evaluation seed)
+for the base and every online cell, one column each, from the report's workdir (`samples/<row>/`).
 
-    python benchmarks/online_reward_curves.py outputs/table/report.json --out docs/img/toy_table_online_curves.png
+    python benchmarks/online_reward_curves.py outputs/table/report.json --out docs/img/toy_table_online_curves.png \
+        --grid docs/img/toy_table_online_samples.png
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main(argv=None) -> None:
     p.add_argument("report", type=Path, help="a bench report.json (its methods' run_dir hold metrics.jsonl)")
     p.add_argument("--out", type=Path, required=True, help="the figure (.png)")
     p.add_argument("--window", type=int, default=20)
+    p.add_argument("--grid", type=Path, default=None, help="also paint the online cells' held-out samples here (.png)")
     args = p.parse_args(argv)
 
     import matplotlib
@@ -42,7 +46,8 @@ def main(argv=None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = json.loads(args.report.read_text())["methods"]
+    report = json.loads(args.report.read_text())
+    methods = report["methods"]
     panels = [m for m in ONLINE if m in methods]
     if not panels:
         raise SystemExit(f"{args.report}: no online method ({', '.join(ONLINE)}) in this report")
@@ -65,6 +70,32 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
+    if args.grid:
+        paint_samples(report, [name for method in panels for name in methods if name == method or name.startswith(method + " (seed ")],
+                      args.grid)
+
+
+def paint_samples(report: dict, names: list[str], out: Path, rows: int = 8) -> None:
+    """The first evaluation seed of `rows` captions spread over the split (the bench grid's), base first."""
+    from PIL import Image
+
+    from diffalign.eval.toybench import folder_name
+    from diffalign.imagegrid import paint_grid
+
+    samples = Path(report["settings"]["workdir"]) / "samples"
+    seeds = report["settings"]["eval_seeds"]
+    captions = report["methods"][names[0]]["n"] // seeds
+    shown = [i * captions // rows * seeds for i in range(rows)]
+    columns = ["base", *names]
+    grid = [[Image.open(samples / folder_name(name) / f"{j:05d}.png").convert("RGB") for name in columns] for j in shown]
+    def label(name: str) -> str:  # "pref_grpo s2 .544": method, training seed, held-out win-rate vs base
+        if name == "base":
+            return name
+        method, _, seed = name.partition(" (seed ")
+        return f"{method} s{seed.rstrip(')') or 0} {report['methods'][name]['win_rate']:.3f}".replace(" 0.", " .")
+
+    paint_grid(grid, scale=4, column_labels=[label(name) for name in columns]).save(out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

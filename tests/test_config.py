@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import config_header, run_cli
+from conftest import config_header
 from pydantic import BaseModel
 
 from diffalign.config import (
@@ -74,9 +74,12 @@ def test_every_file_under_configs_is_shipped():
 
 
 @pytest.mark.parametrize("path", ACCELERATE_FILES, ids=lambda p: p.name)
-def test_shipped_accelerate_config_is_read_by_accelerate(path):
-    """accelerate's own reader takes each file; precision stays with train.mixed_precision; every key is commented."""
+def test_shipped_accelerate_config_is_read_by_accelerate(path, capsys):
+    """accelerate's own reader takes each file; precision stays with train.mixed_precision; every key is commented;
+    `diffalign configs --path NAME` prints the file's path (the CLI's `main`, in this process)."""
     from accelerate.commands.config.config_args import load_config_from_file
+
+    from diffalign.cli import main
 
     config = load_config_from_file(str(path))
     assert config.mixed_precision == "no"
@@ -87,7 +90,8 @@ def test_shipped_accelerate_config_is_read_by_accelerate(path):
         assert config.fsdp_config["fsdp_version"] == 2
     text = path.read_text()
     assert text.startswith("# accelerate config:") and "# Run" in text
-    assert run_cli("configs", "--path", _name(path)).stdout.strip() == str(shipped_accelerate_configs()[_name(path)])
+    assert main(["configs", "--path", _name(path)]) == 0
+    assert capsys.readouterr().out.strip() == str(shipped_accelerate_configs()[_name(path)])
 
 
 def _launch_environment(path, monkeypatch) -> None:
@@ -104,7 +108,7 @@ def _launch_environment(path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_config_builds_its_plugin_and_fills_auto_values_from_the_diffalign_config(stage, monkeypatch, tmp_path):
+def test_deepspeed_config_builds_its_plugin_and_fills_auto_values_from_the_diffalign_config(stage, monkeypatch, tmp_path, capsys):
     from accelerate.utils import DeepSpeedPlugin
 
     from diffalign.trainers.deepspeed_config import DeepSpeedConfigError, resolve
@@ -125,18 +129,24 @@ def test_deepspeed_config_builds_its_plugin_and_fills_auto_values_from_the_diffa
         resolve(DeepSpeedPlugin(), cfg, num_processes=8)
 
     # the trainer resolves first (a mismatch is the error), then refuses to train until a GPU run has verified DeepSpeed
+    # (`diffalign train` through the CLI's `main`, in this process, under the launch's environment)
+    from diffalign.cli import main
+
     out = f"train.output_dir={tmp_path / 'run'}"  # (were it not refused, one step)
-    result = run_cli("train", "toy/dpo", "train.grad_accum=3", "train.max_steps=1", out)
-    assert result.returncode != 0 and "gradient_accumulation_steps=4" in result.stderr, result.stderr
+    assert main(["train", "toy/dpo", "train.grad_accum=3", "train.max_steps=1", out]) != 0
+    err = capsys.readouterr().err
+    assert "gradient_accumulation_steps=4" in err, err
     monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-    result = run_cli("train", "toy/dpo", "train.max_steps=1", out)
-    assert result.returncode != 0 and f"DeepSpeed ZeRO-{stage} resolves against this config" in result.stderr, result.stderr
-    assert "accelerate/fsdp2" in result.stderr
+    assert main(["train", "toy/dpo", "train.max_steps=1", out]) != 0
+    err = capsys.readouterr().err
+    assert f"DeepSpeed ZeRO-{stage} resolves against this config" in err and "accelerate/fsdp2" in err, err
 
 
-def test_accelerate_configs_are_not_recipes():
-    result = run_cli("train", "accelerate/multi_gpu", "--dry-run")
-    assert result.returncode != 0 and "accelerate launcher config, not a recipe" in result.stderr
+def test_accelerate_configs_are_not_recipes(capsys):
+    from diffalign.cli import main
+
+    assert main(["train", "accelerate/multi_gpu", "--dry-run"]) != 0
+    assert "accelerate launcher config, not a recipe" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", shipped_configs())

@@ -25,6 +25,16 @@ def rewards(run_dir: Path) -> list[float]:
     return [row["reward"] for row in rows if "reward" in row]
 
 
+def cells(methods: dict, method: str) -> list[str]:
+    """The report rows of `method`'s training seeds: "grpo", "grpo (seed 1)", ..."""
+    return [name for name in methods if name == method or name.startswith(method + " (seed ")]
+
+
+def seed_of(name: str) -> str:
+    """ "grpo (seed 2)" -> "2"; a method's own name is seed 0."""
+    return name.partition(" (seed ")[2].rstrip(")") or "0"
+
+
 def moving_average(values: list[float], window: int) -> list[float]:
     out, total = [], 0.0
     for i, v in enumerate(values):
@@ -53,15 +63,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.report}: no online method ({', '.join(ONLINE)}) in this report")
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), sharey=True, squeeze=False)
     for ax, method in zip(axes[0], panels):
-        cells = [name for name in methods if name == method or name.startswith(method + " (seed ")]
-        for name in cells:
+        for name in cells(methods, method):
             values = rewards(Path(methods[name]["run_dir"]))
             fifth = max(1, len(values) // 5)
             first, last = sum(values[:fifth]) / fifth, sum(values[-fifth:]) / fifth
             print(f"{name:24s} steps {len(values):4d}  reward first fifth {first:.4f}  last fifth {last:.4f}  "
                   f"change {last - first:+.4f}  held-out win-rate vs base {methods[name]['win_rate']:.3f}")
-            ax.plot(moving_average(values, max(1, min(args.window, len(values) // 4))), label=f"{name.partition(' (')[2].rstrip(')') or 'seed 0'}: "
-                    f"{methods[name]['win_rate']:.3f} vs base")
+            ax.plot(moving_average(values, max(1, min(args.window, len(values) // 4))),
+                    label=f"seed {seed_of(name)}: {methods[name]['win_rate']:.3f} vs base")
         ax.set_title(method)
         ax.set_xlabel("step (dense online: rollout round)")
         ax.legend(fontsize=7)
@@ -71,8 +80,7 @@ def main(argv=None) -> None:
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
     if args.grid:
-        paint_samples(report, [name for method in panels for name in methods if name == method or name.startswith(method + " (seed ")],
-                      args.grid)
+        paint_samples(report, [name for method in panels for name in cells(methods, method)], args.grid)
 
 
 def paint_samples(report: dict, names: list[str], out: Path, rows: int = 8) -> None:
@@ -88,13 +96,9 @@ def paint_samples(report: dict, names: list[str], out: Path, rows: int = 8) -> N
     shown = [i * captions // rows * seeds for i in range(rows)]
     columns = ["base", *names]
     grid = [[Image.open(samples / folder_name(name) / f"{j:05d}.png").convert("RGB") for name in columns] for j in shown]
-    def label(name: str) -> str:  # "pref_grpo s2 .544": method, training seed, held-out win-rate vs base
-        if name == "base":
-            return name
-        method, _, seed = name.partition(" (seed ")
-        return f"{method} s{seed.rstrip(')') or 0} {report['methods'][name]['win_rate']:.3f}".replace(" 0.", " .")
-
-    paint_grid(grid, scale=4, column_labels=[label(name) for name in columns]).save(out)
+    labels = ["base"] + [f"{name.partition(' (')[0]} s{seed_of(name)} {report['methods'][name]['win_rate']:.3f}".replace(" 0.", " .")
+                         for name in names]  # "pref_grpo s2 .544": method, training seed, held-out win-rate vs base
+    paint_grid(grid, scale=4, column_labels=labels).save(out)
     print(f"wrote {out}")
 
 

@@ -83,11 +83,10 @@ def source_items(cfg):
 
 
 def decode_all(cfg, items):
-    from diffalign.data.images import prepare_images
+    """Every item's images placed exactly as `prepare` places them."""
+    from diffalign.data.cache import place_item
 
-    d = cfg.data
-    return [prepare_images(it.images, it.source_id, resolution=d.resolution, crop=d.crop, random_flip=d.random_flip,
-                           pairing=d.pairing, seed=d.seed, resize=d.resize, flip_at=d.flip_at) for it in items]
+    return [place_item(cfg.data, it) for it in items]
 
 
 def main(argv=None) -> None:

@@ -47,6 +47,12 @@ MAX_SKIP_WARNINGS = 20
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def place_item(data, item: SourceItem) -> list[PlacedImage]:
+    """The item's images decoded, resized, cropped and flipped as the cache stores them (`data`: the config's data section)."""
+    return prepare_images(item.images, item.source_id, resolution=data.resolution, crop=data.crop, random_flip=data.random_flip,
+                          pairing=data.pairing, seed=data.seed, resize=data.resize, flip_at=data.flip_at)
+
+
 class _Builder:
     """Turns source items into committed shards; restores its state from already-committed shards."""
 
@@ -69,10 +75,8 @@ class _Builder:
                 self.k = index.column("k")[0].as_py()
 
     def _decode(self, pair: tuple[int, SourceItem]) -> list[PlacedImage] | CorruptImageError:
-        d = self.cfg.data
         try:
-            return prepare_images(pair[1].images, pair[1].source_id, resolution=d.resolution, crop=d.crop,
-                                  random_flip=d.random_flip, pairing=d.pairing, seed=d.seed, resize=d.resize, flip_at=d.flip_at)
+            return place_item(self.cfg.data, pair[1])
         except CorruptImageError as e:
             return e
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny_config, write_config
 
+from diffalign.cli import main
 from diffalign.config.loading import shipped_accelerate_configs
 from diffalign.io import load_safetensors
 
@@ -33,18 +34,27 @@ def _launch(config_name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, demo_parquet):
+def test_two_machines_of_one_process_each_match_one_process(tmp_path, demo_parquet):
+    """DDP over the shipped multi-node config, as two machines on localhost (machine ranks 0 and 1, one process each,
+    both a local main process): the cache is built once on the shared storage while both machines start, the step
+    (with caption dropout, drawn per rank) equals one process's step on the same global batch, and the checkpoint is
+    committed once with both ranks' RNG states."""
     cfg = tiny_config(tmp_path, parquet=demo_parquet, data={"caption_dropout": 0.3}, optim={"lr": 1e-3, "warmup_steps": 0, "eps": 1e-4})
-    cfg["train"].update(max_steps=1, checkpoint_every=0)
-    single = write_config(tmp_path / "single.yaml", {**cfg, "train": {**cfg["train"], "batch_size": 4, "output_dir": str(tmp_path / "one")}})
-    double = write_config(tmp_path / "double.yaml", {**cfg, "train": {**cfg["train"], "batch_size": 2, "output_dir": str(tmp_path / "two")}})
+    cfg["train"].update(max_steps=1, checkpoint_every=1, batch_size=2, output_dir=str(tmp_path / "two"))
+    config = write_config(tmp_path / "run.yaml", cfg)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    port = str(_free_port())
+    machines = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(shipped_accelerate_configs()["accelerate/multi_node"]),
+         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+         "--main_process_port", port, "-m", "diffalign", "train", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    outputs = [m.communicate(timeout=300) for m in machines]
+    for m, (_, err) in zip(machines, outputs):
+        assert m.returncode == 0, err[-3000:]
+    assert "global batch 2 × 1 accum × 2 proc = 4" in outputs[0][0]
 
-    one = run_cli("train", str(single))
-    assert one.returncode == 0, one.stderr
-    two = _launch("accelerate/multi_gpu", str(double))  # the shipped DDP config, as README's "several GPUs" command
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "global batch 2 × 1 accum × 2 proc = 4" in two.stdout
-
+    assert main(["train", str(config), "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}"]) == 0
     a = load_safetensors(tmp_path / "one" / "checkpoints" / "step-00000001" / "trainable.safetensors")
     b = load_safetensors(tmp_path / "two" / "checkpoints" / "step-00000001" / "trainable.safetensors")
     assert a.keys() == b.keys()
@@ -53,29 +63,23 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, demo
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     # Adam is nearly scale-invariant: also compare the all-reduced gradient (its norm) and the loss
-    row_one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
-    row_two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
+    rows = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0]) for run in ("one", "two")]
+    assert rows[0]["grad_norm"] > 0
     for key in ("loss", "grad_norm"):
-        assert row_two[key] == pytest.approx(row_one[key], rel=1e-5)
-    # the per-rank RNG states were both saved into the committed checkpoint
+        assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-5)
     names = {p.name for p in (tmp_path / "two" / "checkpoints" / "step-00000001").iterdir()}
     assert {"rng-rank0.pt", "rng-rank1.pt"} <= names
 
 
 def test_an_online_group_split_over_two_processes_is_judged_as_one_group(tmp_path):
     """Pref-GRPO with one group of 4 images per round: 2 processes sample 2 images each; the group is gathered and judged
-    whole, so the rewards, the advantages and the step equal the single process's (the public code judges each share)."""
+    whole, so the rewards, the advantages and the step equal the single process's (the public code judges each share).
+    Launched with the shipped DDP config, as README's "several GPUs" command."""
     common = ["method.group_size=4", "method.groups_per_round=1", "method.sampling_steps=4", "train.grad_accum=1",
               "train.max_steps=1", "log.tracker=none", "log.progress=false", "optim.lr=1e-3", "optim.eps=1e-4"]
     one = run_cli("train", "toy/pref_grpo", *common, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "diffalign", "train", "toy/pref_grpo", *common, "train.batch_size=2", f"train.output_dir={tmp_path / 'two'}",
-    ]
-    two = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    two = _launch("accelerate/multi_gpu", "toy/pref_grpo", *common, "train.batch_size=2", f"train.output_dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr[-3000:]
     row_one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
     row_two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
@@ -150,6 +154,24 @@ def test_fsdp2_step_of_other_methods_matches_one_process(tmp_path, demo_parquet,
     held = re.search(r"FSDP2: (\d+)/(\d+) parameters sharded", two.stdout)
     assert held and held[1] == held[2] and int(held[2]) > 0, two.stdout
     _assert_sharded_step_equals_single(tmp_path / "two", tmp_path / "one", atol=atol)
+
+
+@pytest.mark.parametrize("name", ["smpo", "rankdpo", "dense", "npo"])
+def test_fsdp2_step_of_the_pairwise_methods_matches_one_process(tmp_path, tmp_path_factory, name):
+    """SmPO, RankDPO (all K = 4 images of an item in one batched forward), dense-reward discounting and Diffusion-NPO
+    (the flipped pairs), full fine-tunes from their toy recipes on the tiny SDXL UNet, under the shipped FSDP2 config on
+    2 gloo processes: every parameter sharded, and the first step's weights, loss and gradient norm equal one process's
+    step on the same global batch."""
+    cache = tmp_path_factory.getbasetemp() / "toy-recipes" / "cache"  # the synthetic cache the toy-recipe tests share
+    common = [f"toy/{name}", "model.pretrained=builtin:tiny-sdxl", "model.finetune=full", "data.source.num_prompts=4",
+              "data.source.num_inference_steps=2", f"data.cache_dir={cache}", "train.max_steps=1", "train.checkpoint_every=1",
+              "optim.lr=1e-3", "optim.warmup_steps=0", "optim.eps=1e-4", *(["method.inversion_steps=2"] if name == "smpo" else [])]
+    assert main(["train", *common, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}"]) == 0  # in-process: no start-up
+    two = _launch("accelerate/fsdp2", *common, "train.batch_size=2", f"train.output_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "global batch 2 × 1 accum × 2 proc = 4" in two.stdout
+    assert re.search(r"FSDP2: (\d+)/\1 parameters sharded", two.stdout), two.stdout
+    _assert_sharded_step_equals_single(tmp_path / "two", tmp_path / "one")
 
 
 def test_fsdp2_online_step_matches_one_process(tmp_path):

@@ -111,7 +111,7 @@ def _launch_environment(path, monkeypatch) -> None:
 def test_deepspeed_config_builds_its_plugin_and_fills_auto_values_from_the_diffalign_config(stage, monkeypatch, tmp_path, capsys):
     from accelerate.utils import DeepSpeedPlugin
 
-    from diffalign.trainers.deepspeed_config import DeepSpeedConfigError, resolve
+    from diffalign.trainers.deepspeed_zero import DeepSpeedConfigError, resolve
 
     _launch_environment(shipped_accelerate_configs()[f"accelerate/deepspeed_zero{stage}"], monkeypatch)
     plugin = DeepSpeedPlugin()  # as accelerate builds it in each process, from the launch's environment
@@ -128,18 +128,19 @@ def test_deepspeed_config_builds_its_plugin_and_fills_auto_values_from_the_diffa
     with pytest.raises(DeepSpeedConfigError, match="gradient_accumulation_steps=4 vs arg gradient_accumulation_steps=3"):
         resolve(DeepSpeedPlugin(), cfg, num_processes=8)
 
-    # the trainer resolves first (a mismatch is the error), then refuses to train until a GPU run has verified DeepSpeed
+    # before accelerate starts, the trainer names every setting DeepSpeed cannot train, each with what to do instead
     # (`diffalign train` through the CLI's `main`, in this process, under the launch's environment)
     from diffalign.cli import main
 
-    out = f"train.output_dir={tmp_path / 'run'}"  # (were it not refused, one step)
-    assert main(["train", "toy/dpo", "train.grad_accum=3", "train.max_steps=1", out]) != 0
+    out = f"train.output_dir={tmp_path / 'run'}"
+    assert main(["train", "toy/dpo", "train.max_steps=1", "eval.validation_every=10", out]) != 0
     err = capsys.readouterr().err
-    assert "gradient_accumulation_steps=4" in err, err
-    monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-    assert main(["train", "toy/dpo", "train.max_steps=1", out]) != 0
+    for named in ("model.finetune = lora", "accelerate/multi_gpu", "eval.validation_every", "train.nonfinite = skip"):
+        assert named in err, err
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # accelerate would turn DeepSpeed off: refused, not trained unsharded
+    assert main(["train", "toy/dpo", "model.finetune=full", "train.nonfinite=stop", "train.max_steps=1", out]) != 0
     err = capsys.readouterr().err
-    assert f"DeepSpeed ZeRO-{stage} resolves against this config" in err and "accelerate/fsdp2" in err, err
+    assert "ACCELERATE_USE_CPU is set" in err and "model.finetune" not in err, err
 
 
 def test_accelerate_configs_are_not_recipes(capsys):

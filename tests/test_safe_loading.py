@@ -141,6 +141,37 @@ def test_checkpoint_and_cache_slots_refuse_pickles(tmp_path, demo_parquet, canar
     assert not canary.exists()
 
 
+def test_a_deepspeed_checkpoint_with_a_canary_is_refused_before_deepspeed_opens_it(tmp_path, canary):
+    """DeepSpeed unpickles its checkpoint files in full: diffalign reads each with weights_only first, allowing only
+    DeepSpeed's inert records, so a planted file stops the resume (the engine is never asked to load)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from diffalign.trainers.checkpoint import CheckpointError
+    from diffalign.trainers.deepspeed_zero import load_zero
+
+    class Engine:  # records whether DeepSpeed's loader would have been called
+        loaded = False
+
+        def load_checkpoint(self, *args, **kwargs):
+            Engine.loaded = True
+            return "loaded", {}
+
+    state = tmp_path / "deepspeed" / "state"
+    state.mkdir(parents=True)
+    torch.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients, "w": torch.zeros(2)},
+               state / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    load_zero(tmp_path / "deepspeed", Engine())  # DeepSpeed's own records pass
+    assert Engine.loaded
+    Engine.loaded = False
+    plant(state / "zero_pp_rank_1_mp_rank_00_optim_states.pt", canary, {"w": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt: not a DeepSpeed checkpoint file"):
+        load_zero(tmp_path / "deepspeed", Engine())
+    assert not canary.exists() and not Engine.loaded
+    with pytest.raises(CheckpointError, match="no DeepSpeed checkpoint files"):
+        load_zero(tmp_path / "elsewhere", Engine())
+
+
 def test_yaml_configs_never_build_objects(tmp_path, canary):
     path = tmp_path / "evil.yaml"
     path.write_text(f"model:\n  pretrained: !!python/object/apply:builtins.open ['{canary}', 'w']\n")

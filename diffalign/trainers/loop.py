@@ -16,7 +16,6 @@ import contextlib
 import copy
 import importlib.util
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -38,8 +37,8 @@ from diffalign.models.lora import attach_lora, save_lora, save_lora_kohya, train
 from diffalign.models.quiet import quiet_loading
 from diffalign.randomness import Draws, seed63
 from diffalign.trainers import checkpoint as ckpt
+from diffalign.trainers import deepspeed_zero as zero
 from diffalign.trainers.batch import BatchRules, build_batch
-from diffalign.trainers.deepspeed_config import DeepSpeedConfigError, deepspeed_requested, refuse_training
 from diffalign.trainers.methods import build_method
 from diffalign.trainers.model_card import model_card
 from diffalign.trainers.models import Models, Schedule
@@ -127,13 +126,22 @@ class PreferenceTrainer:
         if evaluation_only(cfg):  # refused before the cache is built; a marked cache is refused again when read
             raise TrainingError(f"data.source.evaluation_only: the cache at {cfg.data.cache_dir} is evaluation-only (held-out "
                                 "captions) and may never become training data; evaluate with it (`diffalign eval ranking`)")
-        if deepspeed_requested():  # before accelerate, which would need deepspeed installed and CUDA
-            try:
-                refuse_training(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-            except DeepSpeedConfigError as e:
+        self.zero = zero.deepspeed_requested()  # DeepSpeed ZeRO, from the accelerate config (`diffalign.trainers.deepspeed_zero`)
+        if self.zero:
+            if importlib.util.find_spec("deepspeed") is None:
+                raise TrainingError("the accelerate config asks for DeepSpeed, which is not installed: pip install 'diffalign[deepspeed]'")
+            try:  # before accelerate starts (it would fall back or fail less clearly)
+                zero.refuse_unsupported(cfg, self.online)
+            except zero.DeepSpeedConfigError as e:
                 raise TrainingError(str(e)) from None
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker, project_dir=str(self.output_dir / "logs"))
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker, project_dir=str(self.output_dir / "logs"),
+                                       **(zero.accelerator_kwargs() if self.zero else {}))
         acc = self.accelerator
+        if self.zero:  # 'auto' values from this config, before `prepare` builds the engine; a mismatch is named
+            try:
+                zero.resolve(acc.state.deepspeed_plugin, cfg, acc.num_processes)
+            except zero.DeepSpeedConfigError as e:
+                raise TrainingError(str(e)) from None
         if acc.is_main_process:  # one run writes an output directory at a time (the other ranks are this run's own)
             self.held.enter_context(directory_lock(self.output_dir, "train.output_dir"))
         self.sharded = fsdp_requested(acc)  # FSDP2 full shard, from the accelerate config (`diffalign.trainers.sharding`)
@@ -303,6 +311,8 @@ class PreferenceTrainer:
             f"{self.method.name} · {self.components.family} · {self.cfg.model.finetune} · {data} · "
             f"global batch {c.batch_size} × {c.grad_accum} accum × {n} proc = {c.batch_size * c.grad_accum * n} · lr {self.lr:g}"
         )
+        if self.zero:
+            line += f" · DeepSpeed ZeRO-{zero.zero_stage(self.accelerator)}"
         return line + (f" · FSDP2: {shard_summary(self.unet)}" if self.sharded else "")
 
     # ------------------------------------------------------------------------------------------ train
@@ -318,6 +328,12 @@ class PreferenceTrainer:
             return self._backward(lambda: self.method.loss(self.models, build_batch(raw, self.batch_rules, draws), draws),
                                   self.cfg.train.grad_accum, f"micro-batch {micro}, items {ids}")
 
+    def _micro_batch(self, last: bool):
+        """The context of one micro-batch's backward: no gradient sync before the step's last (DDP); under DeepSpeed, the
+        engine's accumulation boundary at the last (its backward then takes the step)."""
+        self.boundary = last
+        return contextlib.nullcontext() if last or self.zero else self.accelerator.no_sync(self.unet)
+
     def _backward(self, compute, divisor: int, where: str) -> tuple[dict[str, torch.Tensor], str | None]:
         """Backward of `compute()`'s loss / divisor when it is finite on every process; else why not (no backward)."""
         loss, metrics = compute()
@@ -326,13 +342,15 @@ class PreferenceTrainer:
                 return metrics, f"non-finite loss on another process at step {self.step}, {where}"
             shown = ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items() if k != "loss")
             return metrics, f"non-finite loss {loss.item()} at step {self.step}, {where} ({shown})"
-        self.accelerator.backward(loss / divisor)
+        if self.zero:
+            zero.zero_backward(self.unet, loss / divisor, boundary=self.boundary)
+        else:
+            self.accelerator.backward(loss / divisor)
         return metrics, None
 
     def online_micro_steps(self) -> tuple[dict[str, torch.Tensor], str | None, dict]:
         """An online step's backwards: per micro-batch of trajectories, one per trained step (`trainers.online`).
         Returns the averaged metrics, why the step is skipped (if it is) and the round's metrics (at its first step)."""
-        acc = self.accelerator
         micro_batches, round_metrics = self.feed.step_batches(self.models, self.step)  # rollouts in train mode too (no dropout)
         sums: dict[str, torch.Tensor] = {}
         divisor = sum(len(batches) for batches in micro_batches)  # one backward per batch: the step's mean loss
@@ -340,7 +358,7 @@ class PreferenceTrainer:
             for j, batch in enumerate(batches):
                 last = micro == len(micro_batches) - 1 and j == len(batches) - 1
                 draws = Draws(self.cfg.train.seed, self.step, *batch.draws_key)
-                with contextlib.nullcontext() if last else acc.no_sync(self.unet):
+                with self._micro_batch(last):
                     metrics, skip = self._backward(lambda: self.method.loss(self.models, batch, draws), divisor,
                                                    f"micro-batch {micro}, batch {j}, slots {draws.slots}")
                 if skip is not None:
@@ -369,7 +387,7 @@ class PreferenceTrainer:
             yield
 
     def offline_micro_steps(self) -> tuple[dict[str, torch.Tensor], str | None]:
-        acc, cfg = self.accelerator, self.cfg
+        cfg = self.cfg
         sums: dict[str, torch.Tensor] = {}
         skip = None  # why this step is skipped (a non-finite loss or gradient norm), if it is
         for micro in range(cfg.train.grad_accum):
@@ -378,7 +396,7 @@ class PreferenceTrainer:
             if skip is not None:
                 continue  # the step's remaining data is consumed unread, so the data order stays that of an unskipped run
             last = micro == cfg.train.grad_accum - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.unet):
+            with self._micro_batch(last):
                 metrics, skip = self.micro_step(batch, micro)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum
@@ -489,6 +507,8 @@ class PreferenceTrainer:
         ident["num_processes"] = self.accelerator.num_processes
         if self.sharded:  # a sharded checkpoint holds no trainable.safetensors: never resumed data-parallel, nor the reverse
             ident["sharding"] = "fsdp2"
+        elif self.zero:
+            ident["sharding"] = f"deepspeed-zero{zero.zero_stage(self.accelerator)}"
         ident["cache"] = self.manifest.get("fingerprint") or self.manifest.get("source_hash")
         ident["pairing_rules"] = PAIRING_RULES
         return ident
@@ -530,9 +550,11 @@ class PreferenceTrainer:
             self.feed.save(staging, self.step)
         if self.sharded:  # every process writes its shards of the model and the optimizer state
             save_sharded(staging / SHARDED_DIR, self.unet, self.optimizer.optimizer)
+        if self.zero:  # every process writes its partition of the model and the optimizer state
+            zero.save_zero(staging / zero.ZERO_DIR, self.unet)
         if not acc.is_main_process:
             return
-        if not self.sharded:
+        if not (self.sharded or self.zero):
             save_safetensors(staging / "trainable.safetensors", trainable_state_dict(acc.unwrap_model(self.unet)))
             ckpt.fault_point("checkpoint.write")
             torch_save(staging / "optimizer.pt", self.optimizer.state_dict())
@@ -586,6 +608,8 @@ class PreferenceTrainer:
             raise TrainingError(f"cannot resume from {path}: the run differs in " + "; ".join(diffs))
         if self.sharded:
             load_sharded(path / SHARDED_DIR, self.unet, self.optimizer.optimizer)
+        elif self.zero:
+            zero.load_zero(path / zero.ZERO_DIR, self.unet)
         else:
             self._load_trainable(path)
             self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
@@ -650,7 +674,11 @@ class PreferenceTrainer:
         acc = self.accelerator
         final_dir = self.output_dir / "final"
         summary = self.metrics_log.summary()
-        full = full_state_dict(self.unet) if self.sharded else None  # gathered by every process, kept by the main one
+        full = None  # a sharded or partitioned model's whole weights, gathered by every process, kept by the main one
+        if self.sharded:
+            full = full_state_dict(self.unet)
+        elif self.zero:
+            full = acc.get_state_dict(self.unet)
         if acc.is_main_process:
             unet = acc.unwrap_model(self.unet)
             if self.ema is not None:
@@ -661,7 +689,7 @@ class PreferenceTrainer:
                 weights = save_lora(unet, final_dir, self.components.family).name
                 if self.cfg.train.export_kohya:
                     save_lora_kohya(unet, final_dir)
-            elif self.sharded:
+            elif full is not None:
                 save_full_unet(unet, full, final_dir / "unet")
                 weights = "unet/"
             else:

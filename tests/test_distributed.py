@@ -222,7 +222,6 @@ def test_deepspeed_zero_step_matches_one_process_and_resumes_exactly(tmp_path, d
                                                                       "batch_size": 2, "output_dir": str(tmp_path / "one")}})
     zero = write_config(tmp_path / "zero.yaml", {**cfg, "train": {**cfg["train"], "max_steps": 3, "checkpoint_every": 1,
                                                                     "output_dir": str(tmp_path / "two")}})
-    assert main(["train", str(single)]) == 0
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # accelerate turns DeepSpeed off under it
 
     def launch(*args):
@@ -231,8 +230,9 @@ def test_deepspeed_zero_step_matches_one_process_and_resumes_exactly(tmp_path, d
                                "--main_process_port", str(_free_port()), "-m", "diffalign", "train", str(zero), *args],
                               capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
 
-    two = launch()
+    two = launch()  # builds the cache too: the text encoders must be whole under ZeRO-3
     assert two.returncode == 0, two.stderr[-3000:]
+    assert main(["train", str(single)]) == 0
     assert "global batch 1 × 2 accum × 2 proc = 4" in two.stdout and f"DeepSpeed ZeRO-{stage}" in two.stdout, two.stdout
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step-00000002" / "deepspeed" / "state").glob("*optim*")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # Adam's state, one part per rank

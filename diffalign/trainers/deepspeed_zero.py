@@ -30,6 +30,8 @@ This module holds what the trainer does differently under it:
   ``torch.load(weights_only=True)``, allowing only DeepSpeed's three inert records (`ZEROSAFE`): a file holding anything
   else is refused before DeepSpeed opens it.
 - **The export** gathers the whole weights (accelerate's ``get_state_dict``; ZeRO-3 with ``zero3_save_16bit_model``).
+- **Components load whole** (`whole_models`): under ZeRO-3, transformers would otherwise build the text encoders
+  partitioned, and the cache could not be encoded.
 
 The frozen reference of DPO-family methods is not an engine: each process holds it whole (in the weight dtype), or on
 the host with ``model.reference_offload`` on GPUs. Refused (`refuse_unsupported`), each with what to do instead: LoRA,
@@ -38,6 +40,7 @@ the EMA, Self-NPO's teacher, validation during training, fp16, online methods an
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -123,6 +126,21 @@ def resolve(plugin, cfg, num_processes: int) -> dict:
         raise DeepSpeedConfigError("the DeepSpeed config disagrees with the diffalign config (set those DeepSpeed values to 'auto' "
                                    f"and diffalign fills them): {e}") from None
     return plugin.deepspeed_config
+
+
+@contextlib.contextmanager
+def whole_models(accelerator):
+    """Build models whole inside this context. Once accelerate has set up a ZeRO-3 plugin, transformers builds every model
+    partitioned (``deepspeed.zero.Init``: each process keeps 1/N of each weight, the module's own tensors are empty),
+    whatever ``zero3_init_flag`` says; the frozen text encoders and the VAE must be whole on every process, and the UNet
+    is partitioned by the engine in `prepare`."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def zero_stage(accelerator) -> int:

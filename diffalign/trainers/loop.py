@@ -161,7 +161,8 @@ class PreferenceTrainer:
 
         # 1. the frozen parts and the data: components load once; the cache is built by the main process (an online
         #    method's data is its prompt list; its text encoders and VAE stay on the device for the rollouts)
-        self.components = components or load_components(cfg.model)
+        with zero.whole_models(acc) if self.zero else contextlib.nullcontext():  # never partitioned at construction
+            self.components = components or load_components(cfg.model)
         if self.online:
             self._setup_prompts()
         else:
@@ -170,7 +171,8 @@ class PreferenceTrainer:
         # 2. the trained UNet; the reference is made BEFORE any checkpoint is loaded, so it stays the base (or the
         #    previous output of `model.init_from`, merged after the cache, which always comes from `model.pretrained`)
         if cfg.model.init_from:
-            self.components = start_from(self.components, cfg.model.init_from)
+            with zero.whole_models(acc) if self.zero else contextlib.nullcontext():
+                self.components = start_from(self.components, cfg.model.init_from)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
         unet = self.components.unet
         self.lora = cfg.model.finetune == "lora"

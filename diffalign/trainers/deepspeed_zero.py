@@ -66,22 +66,15 @@ def deepspeed_requested() -> bool:
 
 def refuse_unsupported(cfg, online: bool) -> None:
     """The settings this trainer cannot run under DeepSpeed, each with what to do instead."""
-    problems = []
+    from diffalign.trainers.sharding import split_model_problems
+
+    problems = split_model_problems(cfg, "ZeRO")
     if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true"):
         problems.append("ACCELERATE_USE_CPU is set, which makes accelerate turn DeepSpeed off (the run would train unsharded); "
                         "unset it: without a GPU the processes talk over gloo anyway")
-    if cfg.model.finetune == "lora":
-        problems.append("model.finetune = lora: LoRA trains data-parallel (accelerate/multi_gpu); ZeRO is for full fine-tunes")
-    if cfg.train.ema.enabled:
-        problems.append("train.ema.enabled: the EMA copy is not partitioned; turn it off")
-    if cfg.method.name == "self_npo":
-        problems.append("method self_npo: its EMA teacher is not partitioned; use accelerate/multi_gpu")
     if online:
         problems.append(f"method {cfg.method.name}: an online step's number of backwards varies with its round, and DeepSpeed "
                         "counts a fixed accumulation; use accelerate/fsdp2 or accelerate/multi_gpu")
-    if cfg.eval.validation_every:
-        problems.append("eval.validation_every: validation runs on one process, which cannot run a partitioned model; set it to "
-                        "0 and evaluate the export with `diffalign generate`")
     if cfg.train.mixed_precision == "fp16":
         problems.append("train.mixed_precision = fp16: DeepSpeed's own loss scaler would skip steps behind the loop; use bf16")
     if cfg.train.nonfinite == "skip":

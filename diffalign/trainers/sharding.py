@@ -67,18 +67,25 @@ def fsdp_plugin(accelerator):
     return plugin
 
 
-def refuse_unsupported(cfg) -> None:
-    """The settings this trainer cannot run sharded, each with what to do instead."""
+def split_model_problems(cfg, scheme: str) -> list[str]:
+    """What a model split over the processes (FSDP2's shards, ZeRO's partitions; `scheme` names it) cannot train yet,
+    each with what to do instead: the refusals FSDP2 and DeepSpeed share."""
     problems = []
     if cfg.model.finetune == "lora":
-        problems.append("model.finetune = lora: LoRA trains data-parallel (accelerate/multi_gpu); FSDP2 is for full fine-tunes")
+        problems.append(f"model.finetune = lora: LoRA trains data-parallel (accelerate/multi_gpu); {scheme} is for full fine-tunes")
     if cfg.train.ema.enabled:
-        problems.append("train.ema.enabled: the EMA copy is not sharded yet; turn it off")
+        problems.append("train.ema.enabled: the EMA copy is not split over the processes yet; turn it off")
     if cfg.method.name == "self_npo":
-        problems.append("method self_npo: its EMA teacher is not sharded yet; use accelerate/multi_gpu")
+        problems.append("method self_npo: its EMA teacher is not split over the processes yet; use accelerate/multi_gpu")
     if cfg.eval.validation_every:
-        problems.append("eval.validation_every: validation runs on one process, which cannot run a sharded model; set it to 0 "
+        problems.append("eval.validation_every: validation runs on one process, which cannot run a split model; set it to 0 "
                         "and evaluate the export with `diffalign generate`")
+    return problems
+
+
+def refuse_unsupported(cfg) -> None:
+    """The settings this trainer cannot run sharded, each with what to do instead."""
+    problems = split_model_problems(cfg, "FSDP2")
     if cfg.model.reference_offload:
         problems.append("model.reference_offload: the reference is sharded like the policy; to offload both to the CPU set "
                         "fsdp_offload_params: true in the accelerate config")
